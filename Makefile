@@ -1,0 +1,41 @@
+# The two commands a new user runs are `make demo` and `make test`; both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.ts-handlers-setup
+
+.PHONY: setup archives demo test unit integration bench lint clean
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): setup.cfg pyproject.toml constraints.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+# Trains the demo checkpoints once (cached under build/), then exports, verifies and archives
+# every archiver_configs/<name>/ into model_store/<name>.mar.
+archives: setup
+	$(PY) scripts/train_digits.py
+	$(PY) scripts/train_sentiment.py
+	$(PY) -m ts_handlers.build --all
+
+demo: archives
+	$(PY) scripts/demo.py
+
+test: archives
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests
+
+integration: archives
+	$(PY) -m pytest integration_tests
+
+bench: archives
+	$(PY) benchmarks/embeddings.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build model_store/*.mar logs

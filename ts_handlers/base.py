@@ -1,0 +1,248 @@
+"""The shared core every task handler stands on.
+
+TorchServe calls ``initialize(context)`` once per worker and ``handle(data, context)`` once per
+dynamic batch. :class:`TaskHandler` owns everything that is the same for every task: reading the
+typed config, choosing the device, loading the exported model, decoding each request with its
+own error handling, running one batched forward under ``torch.inference_mode()``, and giving
+every request its own status and JSON body. A task subclass only says what is specific to it:
+
+* ``decode(request)`` -> :class:`Decoded` (the model inputs this request contributes)
+* ``forward(inputs)`` -> one output per input, in order
+* ``encode(outputs, decoded)`` -> the JSON-able answer for one request
+
+``handle`` returns exactly one answer per request, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from ts_handlers.config import SETUP_CONFIG_FILE, HandlerConfig, load_config
+from ts_handlers.errors import InvalidInput, RequestError, error_body
+from ts_handlers.export import load_artifact
+from ts_handlers.payload import Request
+
+logger = logging.getLogger(__name__)
+
+ConfigT = TypeVar("ConfigT", bound=HandlerConfig)
+
+JSON_CONTENT_TYPE = "application/json"
+BATCH_SIZE_HEADER = "X-Batch-Size"
+LABELS_FILE = "index_to_name.json"
+
+
+@dataclass
+class Decoded:
+    """What one request contributes to the batch, and how to shape its answer."""
+
+    inputs: list[Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    # True when the client sent one input rather than a list: answer with one item, unwrapped.
+    single: bool = True
+
+
+class TaskHandler(BaseHandler, Generic[ConfigT]):
+    config_class: ClassVar[type[HandlerConfig]] = HandlerConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: ConfigT
+        self.model_dir: Path
+        self.model: Callable[..., Any] | None = None
+        self.export_metadata: dict[str, Any] = {}
+        self.labels: list[str] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        self.context = context
+        self.manifest = context.manifest
+        self.model_dir = Path(properties["model_dir"])
+        self.config = load_config(self.config_class, self.model_dir / SETUP_CONFIG_FILE)
+        self.device = self.choose_device(properties.get("gpu_id"))
+        self.model = self.load_model()
+        self.labels = self.load_labels()
+        self.setup()
+        self.initialized = True
+        logger.info(
+            "%s ready: mode=%s save_mode=%s device=%s",
+            type(self).__name__,
+            self.config.mode,
+            self.config.save_mode,
+            self.device,
+        )
+
+    @staticmethod
+    def choose_device(gpu_id: int | None) -> torch.device:
+        if gpu_id is not None and torch.cuda.is_available():
+            return torch.device(f"cuda:{gpu_id}")
+        return torch.device("cpu")
+
+    def load_model(self) -> Callable[..., Any]:
+        """Loads the exported model named by the archive's manifest."""
+        serialized = (self.manifest or {}).get("model", {}).get("serializedFile")
+        if not serialized:
+            raise RuntimeError(
+                f"{self.config.save_mode!r} archive has no serialized model; "
+                f"{type(self).__name__} serves exported models only"
+            )
+        model, self.export_metadata = load_artifact(self.model_dir, serialized, self.device)
+        return model
+
+    def load_labels(self) -> list[str] | None:
+        """Labels from ``index_to_name.json`` ({"0": "cat", ...}), ordered by class index."""
+        path = self.model_dir / LABELS_FILE
+        if not path.is_file():
+            return None
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        return [str(mapping[key]) for key in sorted(mapping, key=int)]
+
+    def setup(self) -> None:
+        """Task-specific loading (a tokenizer, say); runs once after the model is loaded."""
+
+    # ---- task hooks ------------------------------------------------------------------------
+
+    def decode(self, request: Request) -> Decoded:
+        raise NotImplementedError
+
+    def forward(self, inputs: list[Any]) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def encode(self, outputs: list[Any], decoded: Decoded) -> Any:
+        raise NotImplementedError
+
+    def explain_inputs(self, inputs: list[Any], decoded: Decoded) -> Any:
+        raise InvalidInput(f"{type(self).__name__} does not provide explanations for this model")
+
+    # ---- TorchServe entry point ------------------------------------------------------------
+
+    def handle(self, data: list[Any], context: Any) -> list[Any]:
+        self.context = context
+        answers: list[Any] = [None] * len(data)
+        decoded: dict[int, Decoded] = {}
+        explain: dict[int, Decoded] = {}
+        for index, row in enumerate(data):
+            try:
+                request = Request.from_row(
+                    row, self._content_type(context, index), context.get_all_request_header(index)
+                )
+                item = self.decode(request)
+                if not item.inputs:
+                    raise InvalidInput("the request contains no inputs")
+                (explain if self._wants_explanation(context, index) else decoded)[index] = item
+            except RequestError as error:
+                answers[index] = self._reject(context, index, error)
+            except Exception:  # an unexpected decode failure must not take the batch down
+                logger.exception("decoding request %d failed", index)
+                answers[index] = self._internal_error(context, index)
+
+        for index, item in explain.items():
+            answers[index] = self._answer(
+                context, index, lambda item=item: self.explain_inputs(item.inputs, item)
+            )
+        if decoded:
+            self._predict(context, decoded, answers)
+
+        batch_size = sum(len(item.inputs) for item in decoded.values())
+        for index in range(len(data)):
+            context.set_response_header(index, BATCH_SIZE_HEADER, str(batch_size))
+        return answers
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _predict(self, context: Any, decoded: dict[int, Decoded], answers: list[Any]) -> None:
+        flat = [value for item in decoded.values() for value in item.inputs]
+        try:
+            outputs = self._run_forward(flat)
+        except Exception:
+            # Isolate the culprit: run each request alone so its neighbours still get answers.
+            logger.exception(
+                "batched forward failed; retrying %d requests one by one", len(decoded)
+            )
+            for index, item in decoded.items():
+                answers[index] = self._answer(
+                    context,
+                    index,
+                    lambda item=item: self.encode(self._run_forward(item.inputs), item),
+                )
+            return
+        offset = 0
+        for index, item in decoded.items():
+            chunk = list(outputs[offset : offset + len(item.inputs)])
+            offset += len(item.inputs)
+            answers[index] = self._answer(context, index, lambda c=chunk, i=item: self.encode(c, i))
+
+    def _run_forward(self, inputs: list[Any]) -> list[Any]:
+        with torch.inference_mode():
+            outputs = list(self.forward(inputs))
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(inputs)} inputs")
+        return outputs
+
+    def _answer(self, context: Any, index: int, produce: Callable[[], Any]) -> str:
+        try:
+            body = json.dumps(produce())
+        except RequestError as error:
+            return self._reject(context, index, error)
+        except Exception:
+            logger.exception("request %d failed", index)
+            return self._internal_error(context, index)
+        context.set_response_content_type(index, JSON_CONTENT_TYPE)
+        return body
+
+    @staticmethod
+    def _reject(context: Any, index: int, error: RequestError) -> str:
+        context.set_response_status(int(error.status), error.status.phrase, index)
+        context.set_response_content_type(index, JSON_CONTENT_TYPE)
+        return error.to_json()
+
+    @staticmethod
+    def _internal_error(context: Any, index: int) -> str:
+        status = HTTPStatus.INTERNAL_SERVER_ERROR
+        context.set_response_status(int(status), status.phrase, index)
+        context.set_response_content_type(index, JSON_CONTENT_TYPE)
+        return error_body(status, "InternalServerError", "the model failed on this request")
+
+    @staticmethod
+    def _content_type(context: Any, index: int) -> str:
+        for key in ("body", "data"):
+            header = context.get_request_header(index, key)
+            if isinstance(header, dict) and header.get("content-type"):
+                return header["content-type"]
+        return context.get_request_header(index, "Content-Type") or ""
+
+    @staticmethod
+    def _wants_explanation(context: Any, index: int) -> bool:
+        return context.get_request_header(index, "explain") == "True"
+
+
+def entry_point(handler_class: type[TaskHandler]) -> Callable[[Any, Any], list[Any] | None]:
+    """A ``module:function`` entry point for TorchServe, one handler instance per worker.
+
+    TorchServe calls the function once with ``data=None`` to initialise, then once per batch.
+    Naming ``ts_handlers.vision:handle`` in an archive keeps the archive free of handler code.
+    """
+    instance: TaskHandler | None = None
+
+    def handle(data: Any, context: Any) -> list[Any] | None:
+        nonlocal instance
+        if instance is None:
+            candidate = handler_class()
+            candidate.initialize(context)
+            instance = candidate
+        if data is None:
+            return None
+        return instance.handle(data, context)
+
+    handle.__qualname__ = f"{handler_class.__name__}.entry_point"
+    return handle

@@ -1,0 +1,280 @@
+"""Build a TorchServe archive from ``archiver_configs/<name>/``.
+
+    python -m ts_handlers.build archiver_configs/mnist      # -> model_store/mnist.mar
+    python -m ts_handlers.build --all                       # every folder in archiver_configs/
+    python -m ts_handlers.build archiver_configs/mnist --self-contained --name mnist_standalone
+
+A folder holds ``setup_config.json`` (what to export and how to serve it), ``model-config.yaml``
+(TorchServe's batching and worker settings) and optionally ``index_to_name.json``. The build
+loads the eager checkpoint, exports it, verifies the export against eager on several input
+shapes, and only then writes the archive, with the resolved config and the verification figures
+inside. A failed verification writes nothing and exits non-zero.
+
+By default the archive names its handler by module path (``ts_handlers.vision:handle``), so the
+TorchServe environment must have ``ts_handlers`` installed (plugin mode). ``--self-contained``
+embeds the package in the archive so a stock TorchServe serves it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig, load_config
+from ts_handlers.export import ExportError, ExportPlan, format_for, verify
+
+logger = logging.getLogger("ts_handlers.build")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CONFIG_FILE = "model-config.yaml"
+REPORT_FILE = "export_report.json"
+ENTRY_MODULE = "ts_handlers_entry"
+
+
+@dataclass(frozen=True)
+class Task:
+    config_class: type[HandlerConfig]
+    handler: str  # "module:function" TorchServe imports
+    prepare: Callable[[Any], ExportPlan]
+
+
+def _tasks() -> dict[str, Task]:
+    """Mode -> task; imported lazily so building one model never imports the others' stacks."""
+    from ts_handlers import vision
+
+    tasks = {
+        "image_classification": Task(
+            vision.ImageClassifierConfig, "ts_handlers.vision:handle", vision.prepare_export
+        ),
+    }
+    for module_name in ("ts_handlers.text_classification", "ts_handlers.embeddings"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        tasks.update(module.TASKS)
+    return tasks
+
+
+def build_archive(
+    config_dir: Path,
+    model_store: Path,
+    *,
+    name: str | None = None,
+    self_contained: bool = False,
+    force: bool = False,
+) -> Path | None:
+    """Exports, verifies and archives one model; returns the .mar path (None if up to date)."""
+    name = name or config_dir.name
+    raw = json.loads((config_dir / SETUP_CONFIG_FILE).read_text(encoding="utf-8"))
+    tasks = _tasks()
+    mode = raw.get("mode")
+    if mode not in tasks:
+        raise ConfigError(
+            f"{config_dir / SETUP_CONFIG_FILE}: mode={mode!r}; choose one of {', '.join(tasks)}"
+        )
+    task = tasks[mode]
+    config = load_config(task.config_class, config_dir / SETUP_CONFIG_FILE)
+    mar_path = model_store / f"{name}.mar"
+    if not force and _up_to_date(mar_path, config_dir, config):
+        print(f"[{name}] up to date: {mar_path}")
+        return None
+
+    started = time.perf_counter()
+    plan = task.prepare(config)
+    with tempfile.TemporaryDirectory(prefix=f"ts-handlers-{name}-") as staging_name:
+        staging = Path(staging_name)
+        files = staging / "files"
+        files.mkdir()
+        report: dict[str, Any] = {"name": name, "mode": mode, "save_mode": config.save_mode}
+        serialized = None
+        if config.save_mode != "pretrained":
+            serialized, verification = _export(config, plan, files)
+            report["verification"] = verification
+        resolved = {**config.to_dict(), **plan.resolved}
+        report.update(metadata=plan.metadata, resolved=plan.resolved)
+        (files / SETUP_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
+        (files / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        for source in [config_dir / "index_to_name.json", *plan.extra_files]:
+            if source.is_file():
+                shutil.copy2(source, files / source.name)
+        extra_dirs = [source for source in plan.extra_files if source.is_dir()]
+        handler = task.handler
+        if self_contained:
+            handler = _embed_package(files, task.handler)
+        _package(
+            name,
+            handler=handler,
+            serialized=serialized,
+            files=files,
+            extra_dirs=extra_dirs,
+            model_config=config_dir / MODEL_CONFIG_FILE,
+            staging=staging,
+            mar_path=mar_path,
+        )
+    size_mb = mar_path.stat().st_size / 1e6
+    print(f"[{name}] wrote {mar_path} ({size_mb:.1f} MB) in {time.perf_counter() - started:.1f}s")
+    return mar_path
+
+
+def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path, dict[str, Any]]:
+    if plan.model is None:
+        raise ExportError(f"save_mode {config.save_mode!r} needs an eager model to export")
+    export_format = format_for(config.save_mode, freeze=config.freeze)
+    exported = export_format.export(plan.model, plan.example_inputs, config.export_method)
+    report = verify(plan.model, exported, plan.verify_inputs, config.verify_atol)
+    print(report.summary())
+    verification: dict[str, Any] = {"dynamic_shapes": report.to_dict()}
+    if not report.passed:
+        if not plan.fixed_shape_inputs:
+            raise ExportError(f"exported model differs from eager:\n{report.summary()}")
+        print("the export does not hold at every shape; checking fixed-shape (padded) inputs")
+        fixed = verify(plan.model, exported, plan.fixed_shape_inputs, config.verify_atol)
+        print(fixed.summary())
+        verification["fixed_shape"] = fixed.to_dict()
+        if not fixed.passed:
+            raise ExportError(f"exported model differs from eager:\n{fixed.summary()}")
+        plan.resolved["pad_to_max_length"] = True
+    elif plan.fixed_shape_inputs:
+        plan.resolved.setdefault("pad_to_max_length", False)
+    path = files / export_format.file_name
+    export_format.save(
+        exported, path, {"verification": verification, **plan.metadata, **plan.resolved}
+    )
+    return path, verification
+
+
+def _embed_package(files: Path, handler: str) -> str:
+    """Copies ts_handlers into the archive and writes an entry module that imports from it."""
+    shutil.copytree(
+        PACKAGE_DIR,
+        files / "package" / "ts_handlers",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build.py", "client.py"),
+    )
+    module, function = handler.split(":")
+    entry = files / f"{ENTRY_MODULE}.py"
+    entry.write_text(
+        '"""Entry point of a self-contained archive: the embedded ts_handlers serves it."""\n'
+        f"from {module} import {function}  # noqa: F401\n"
+    )
+    return str(entry)
+
+
+def _package(
+    name: str,
+    *,
+    handler: str,
+    serialized: Path | None,
+    files: Path,
+    extra_dirs: Iterable[Path],
+    model_config: Path,
+    staging: Path,
+    mar_path: Path,
+) -> None:
+    """Writes the .mar with torch-model-archiver's own packager, then moves it into place."""
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import package_model
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
+    extra = [
+        str(path)
+        for path in sorted(files.iterdir())
+        if path.is_file() and path not in (serialized, Path(handler))
+    ]
+    # A folder given to the archiver has its *contents* copied to the archive root.
+    extra += [str(path) for path in extra_dirs]
+    if (files / "package").is_dir():
+        extra.append(str(files / "package"))
+    out_dir = staging / "out"
+    out_dir.mkdir()
+    archiver_config = ModelArchiverConfig(
+        model_name=name,
+        handler=handler,
+        version="1.0",
+        serialized_file=str(serialized) if serialized else None,
+        extra_files=",".join(extra),
+        export_path=str(out_dir),
+        force=True,
+        config_file=str(model_config) if model_config.is_file() else None,
+    )
+    manifest = ModelExportUtils.generate_manifest_json(archiver_config)
+    if ":" in handler:
+        # Plugin mode: the manifest names an installed module, so there is no file to copy.
+        archiver_config = replace(archiver_config, handler=None)
+    # The archiver stages files in <tempdir>/<name> and deletes that folder first; keep it inside
+    # our own staging folder so it can never touch a user's /tmp/<name>.
+    previous_tempdir = tempfile.tempdir
+    tempfile.tempdir = str(staging)
+    try:
+        package_model(archiver_config, manifest)
+    finally:
+        tempfile.tempdir = previous_tempdir
+    mar_path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(out_dir / f"{name}.mar", mar_path)
+
+
+def _up_to_date(mar_path: Path, config_dir: Path, config: HandlerConfig) -> bool:
+    if not mar_path.is_file():
+        return False
+    inputs = [config_dir, PACKAGE_DIR]
+    if config.model_name and Path(config.model_name).exists():
+        inputs.append(Path(config.model_name))
+    newest = max(
+        (path.stat().st_mtime for root in inputs for path in [root, *root.rglob("*")]),
+        default=0.0,
+    )
+    return mar_path.stat().st_mtime > newest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config_dirs", nargs="*", type=Path, help="archiver_configs/<name> folders")
+    parser.add_argument("--all", action="store_true", help="build every archiver_configs/* folder")
+    parser.add_argument("--configs-root", type=Path, default=Path("archiver_configs"))
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--name", help="archive name (default: the folder name)")
+    parser.add_argument("--self-contained", action="store_true", help="embed ts_handlers")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config_dirs = list(args.config_dirs)
+    if args.all:
+        config_dirs += sorted(
+            p for p in args.configs_root.iterdir() if (p / SETUP_CONFIG_FILE).is_file()
+        )
+    if not config_dirs:
+        parser.error("name at least one archiver_configs/<name> folder, or --all")
+    if args.name and len(config_dirs) > 1:
+        parser.error("--name applies to a single folder")
+    for config_dir in config_dirs:
+        try:
+            build_archive(
+                config_dir,
+                args.model_store,
+                name=args.name,
+                self_contained=args.self_contained,
+                force=args.force,
+            )
+        except (ConfigError, ExportError) as error:
+            print(
+                f"[{config_dir.name}] build failed, no archive written:\n{error}", file=sys.stderr
+            )
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

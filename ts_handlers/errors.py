@@ -1,0 +1,46 @@
+"""Errors that carry the HTTP status a client should see.
+
+A handler raises these from any stage; the base catches them per request, so one bad request in
+a dynamic batch answers with its own 4xx while its neighbours still get their predictions. The
+body has the same shape as TorchServe's own error responses.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+
+class RequestError(ValueError):
+    """The request cannot be served as sent; the message tells the client how to fix it."""
+
+    status: HTTPStatus = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, message: str, status: HTTPStatus | int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = HTTPStatus(status)
+
+    @property
+    def error_type(self) -> str:
+        return type(self).__name__
+
+    def to_json(self) -> str:
+        return error_body(self.status, self.error_type, self.message)
+
+
+class InvalidInput(RequestError):
+    status = HTTPStatus.BAD_REQUEST
+
+
+class PayloadTooLarge(RequestError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UnsupportedMediaType(RequestError):
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+def error_body(status: HTTPStatus | int, error_type: str, message: str) -> str:
+    return json.dumps({"code": int(status), "type": error_type, "message": message})

@@ -1,0 +1,173 @@
+"""The export step, behind one small interface.
+
+An :class:`ExportFormat` turns an eager module into a servable artifact, saves it with metadata
+and loads it back. Handlers only ever call :func:`load_artifact`, so adding a format (for
+example ``torch.export``) means adding a class here and nothing in the handlers.
+
+Every export is checked by :func:`verify` against the eager model on several input shapes; the
+build refuses to write an archive whose exported model disagrees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "ts_handlers.json"  # name inside TorchScript's _extra_files
+
+
+@dataclass
+class ExportPlan:
+    """What a task hands the generic build: an eager model and the inputs to check it on."""
+
+    model: torch.nn.Module | None
+    example_inputs: tuple[torch.Tensor, ...] = ()
+    verify_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # Fixed-shape inputs tried when the export does not hold at other shapes (a trace that baked
+    # in the sequence length, say); passing them means "pad every input to this shape".
+    fixed_shape_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # Files or folders copied into the archive beside the model (tokenizer, eager checkpoint).
+    extra_files: list[Path] = field(default_factory=list)
+    # Values the export decided, written back into the archived setup_config.json.
+    resolved: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ExportError(RuntimeError):
+    """The exported model cannot be trusted; nothing is written."""
+
+
+class ExportFormat(ABC):
+    name: ClassVar[str]
+    # Fixed per format: the handler never has to guess which file holds the model.
+    file_name: ClassVar[str]
+
+    @abstractmethod
+    def export(
+        self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], method: str
+    ) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def save(self, exported: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def load(self, path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]: ...
+
+
+class TorchScriptFormat(ExportFormat):
+    name = "torchscript"
+    file_name = "model.pt"
+
+    def __init__(self, freeze: bool = True) -> None:
+        self.freeze = freeze
+
+    def export(
+        self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], method: str
+    ) -> torch.nn.Module:
+        model = model.eval()
+        with torch.no_grad():
+            if method == "script":
+                exported = torch.jit.script(model)
+            elif method == "trace":
+                exported = torch.jit.trace(model, example_inputs, strict=False)
+            else:
+                raise ExportError(f"unknown torchscript method {method!r}; use trace or script")
+        if self.freeze:
+            exported = torch.jit.freeze(exported.eval())
+        return exported
+
+    def save(self, exported: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+        torch.jit.save(exported, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+
+    def load(self, path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+        extra_files = {METADATA_FILE: ""}
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)
+        metadata = json.loads(extra_files[METADATA_FILE] or "{}")
+        return module.eval(), metadata
+
+
+FORMATS: dict[str, Callable[..., ExportFormat]] = {"torchscript": TorchScriptFormat}
+
+
+def format_for(save_mode: str, **options: Any) -> ExportFormat:
+    try:
+        return FORMATS[save_mode](**options)
+    except KeyError:
+        raise ExportError(
+            f"save_mode {save_mode!r} has no exporter; available: {', '.join(FORMATS)}"
+        ) from None
+
+
+def load_artifact(
+    model_dir: Path, serialized_file: str, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Loads the serialized model of an archive with the format its file name belongs to."""
+    for factory in FORMATS.values():
+        export_format = factory()
+        if serialized_file == export_format.file_name:
+            return export_format.load(model_dir / serialized_file, device)
+    raise ExportError(
+        f"no format loads {serialized_file!r}; expected one of "
+        f"{', '.join(factory().file_name for factory in FORMATS.values())}"
+    )
+
+
+@dataclass
+class VerificationReport:
+    atol: float
+    cases: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((case["max_abs_diff"] for case in self.cases), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(case["passed"] for case in self.cases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "max_abs_diff": self.max_abs_diff, "passed": self.passed}
+
+    def summary(self) -> str:
+        lines = [f"verification (atol {self.atol:g}): {'PASSED' if self.passed else 'FAILED'}"]
+        for case in self.cases:
+            shape = "x".join(str(size) for size in case["shape"])
+            status = "ok" if case["passed"] else "MISMATCH"
+            detail = case.get("error") or f"max |diff| {case['max_abs_diff']:.2e}"
+            lines.append(f"  input {shape:>12}: {detail}  {status}")
+        return "\n".join(lines)
+
+
+def verify(
+    eager: Callable[..., torch.Tensor],
+    exported: Callable[..., torch.Tensor],
+    input_sets: Iterable[Sequence[torch.Tensor]],
+    atol: float,
+) -> VerificationReport:
+    """Runs both models on every input set and records the largest absolute difference."""
+    report = VerificationReport(atol=atol)
+    with torch.inference_mode():
+        for inputs in input_sets:
+            case: dict[str, Any] = {"shape": list(inputs[0].shape)}
+            try:
+                expected = eager(*inputs)
+                actual = exported(*inputs)
+                if expected.shape != actual.shape:
+                    raise ExportError(
+                        f"shape {tuple(actual.shape)} differs from eager {tuple(expected.shape)}"
+                    )
+                diff = (expected.float() - actual.float()).abs().max().item()
+                case.update(max_abs_diff=diff, passed=diff <= atol)
+            except Exception as error:  # a trace that cannot run at this shape is a failed case
+                case.update(max_abs_diff=float("inf"), passed=False, error=str(error)[:200])
+            report.cases.append(case)
+    return report
