@@ -226,6 +226,14 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         return context.get_request_header(index, "explain") == "True"
 
 
+def top_k_labels(probabilities: torch.Tensor, labels: list[str], k: int) -> list[dict[str, Any]]:
+    scores, indices = probabilities.topk(min(k, probabilities.numel()))
+    return [
+        {"label": labels[index], "score": score}
+        for score, index in zip(scores.tolist(), indices.tolist(), strict=True)
+    ]
+
+
 def entry_point(handler_class: type[TaskHandler]) -> Callable[[Any, Any], list[Any] | None]:
     """A ``module:function`` entry point for TorchServe, one handler instance per worker.
 

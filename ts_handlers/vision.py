@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ts_handlers.base import Decoded, TaskHandler, entry_point
+from ts_handlers.base import Decoded, TaskHandler, entry_point, top_k_labels
 from ts_handlers.config import ConfigError, HandlerConfig
 from ts_handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ts_handlers.export import ExportPlan
@@ -104,14 +104,6 @@ def image_to_tensor(image: Image.Image, config: ImageClassifierConfig) -> torch.
     mean = torch.tensor(config.mean).view(-1, 1, 1)
     std = torch.tensor(config.std).view(-1, 1, 1)
     return (pixels - mean) / std
-
-
-def top_k_labels(probabilities: torch.Tensor, labels: list[str], k: int) -> list[dict[str, Any]]:
-    scores, indices = probabilities.topk(min(k, probabilities.numel()))
-    return [
-        {"label": labels[index], "score": score}
-        for score, index in zip(scores.tolist(), indices.tolist(), strict=True)
-    ]
 
 
 class ImageClassifierHandler(TaskHandler[ImageClassifierConfig]):

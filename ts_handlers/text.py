@@ -1,0 +1,236 @@
+"""What every transformer text task shares: request parsing, tokenizing, padding, export plan.
+
+A request is ``text/plain``, JSON ``{"inputs": "text" | ["t1", ...], <options>}``, or a bare
+JSON string or list. Each text is tokenized when its request is decoded (so a text that is too
+long can be refused on its own), and the batch is collated in ``forward``: inputs are sorted by
+length, cut into groups of ``inference_batch_size``, each group padded only to its own longest
+sequence (or to ``max_length`` when the export verified only that shape), and the original order
+is restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ts_handlers.base import Decoded, TaskHandler
+from ts_handlers.config import ConfigError, HandlerConfig
+from ts_handlers.errors import InvalidInput, PayloadTooLarge
+from ts_handlers.export import ExportPlan
+from ts_handlers.payload import Request, bool_option
+
+logger = logging.getLogger(__name__)
+
+# Tokenizer and model files copied into an archive beside the exported model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "config.json",
+)
+MAX_TEXTS_PER_REQUEST = 1024
+
+
+@dataclass(frozen=True)
+class TextConfig(HandlerConfig):
+    max_length: int = 128
+    # TorchServe's key: lower-case the text before tokenizing (for uncased checkpoints whose
+    # tokenizer does not do it itself).
+    do_lower_case: bool = False
+    # Decided by the export: True when the traced graph holds only at max_length.
+    pad_to_max_length: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass
+class Tokenized:
+    """One text, tokenized but not padded."""
+
+    input_ids: list[int]
+    text: str
+
+
+class TextHandler(TaskHandler[Any]):
+    """Base of the text tasks; subclasses implement ``run_model`` and ``encode``."""
+
+    # JSON keys (besides "inputs") a task accepts as per-request options.
+    request_options: ClassVar[tuple[str, ...]] = ()
+
+    def setup(self) -> None:
+        self.tokenizer = load_tokenizer(self.model_dir)
+
+    # ---- decode ----------------------------------------------------------------------------
+
+    def decode(self, request: Request) -> Decoded:
+        if request.is_empty:
+            raise InvalidInput('the request body is empty; send text or JSON {"inputs": ...}')
+        payload: Any = None
+        if request.looks_like_json():
+            payload = request.json()
+            texts, single = self._texts_from_json(payload)
+        else:
+            texts, single = [request.text()], True
+        options = {name: request.option(name, payload) for name in self.request_options}
+        options = self.parse_options(options)
+        truncate = options.get("truncate", True)
+        return Decoded(
+            inputs=[self.tokenize(text, index, truncate) for index, text in enumerate(texts)],
+            options=options,
+            single=single,
+        )
+
+    def _texts_from_json(self, payload: Any) -> tuple[list[str], bool]:
+        if isinstance(payload, dict):
+            unknown = sorted(set(payload) - {"inputs", *self.request_options})
+            if unknown:
+                allowed = ", ".join(["inputs", *self.request_options])
+                raise InvalidInput(f"unknown field(s) {', '.join(unknown)}; accepted: {allowed}")
+            if "inputs" not in payload:
+                raise InvalidInput('the JSON body needs "inputs": a string or a list of strings')
+            payload = payload["inputs"]
+        if isinstance(payload, str):
+            return [payload], True
+        if isinstance(payload, list):
+            if not payload:
+                raise InvalidInput('"inputs" is an empty list; send at least one text')
+            if len(payload) > MAX_TEXTS_PER_REQUEST:
+                raise PayloadTooLarge(
+                    f"{len(payload)} texts in one request; the limit is {MAX_TEXTS_PER_REQUEST}"
+                )
+            for index, item in enumerate(payload):
+                if not isinstance(item, str):
+                    raise InvalidInput(
+                        f"inputs[{index}] must be a string, got {type(item).__name__}"
+                    )
+            return payload, False
+        raise InvalidInput(
+            f'"inputs" must be a string or a list of strings, got {type(payload).__name__}'
+        )
+
+    def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Turns raw option values into typed ones; subclasses add their own."""
+        options = {}
+        if "truncate" in raw:
+            options["truncate"] = bool_option("truncate", raw["truncate"], True)
+        return options
+
+    def tokenize(self, text: str, index: int, truncate: bool = True) -> Tokenized:
+        if not text.strip():
+            raise InvalidInput(f"inputs[{index}] is empty or whitespace only")
+        if self.config.do_lower_case:
+            text = text.lower()
+        max_length = self.config.max_length
+        input_ids = self.tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"]
+        if len(input_ids) > max_length:
+            if not truncate:
+                raise PayloadTooLarge(
+                    f"inputs[{index}] is {len(input_ids)} tokens; this model reads at most "
+                    f"{max_length}. Shorten it or send truncate: true"
+                )
+            input_ids = self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        return Tokenized(input_ids=input_ids, text=text)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, inputs: list[Tokenized]) -> list[Any]:
+        """Sorted by length and padded per group; outputs come back in the original order."""
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].input_ids))
+        outputs: list[Any] = [None] * len(inputs)
+        size = self.config.inference_batch_size
+        for start in range(0, len(order), size):
+            group = order[start : start + size]
+            input_ids, attention_mask = self.collate([inputs[i] for i in group])
+            results = self.run_model(input_ids.to(self.device), attention_mask.to(self.device))
+            for position, index in enumerate(group):
+                outputs[index] = results[position].cpu()
+        return outputs
+
+    def collate(self, items: Sequence[Tokenized]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(item.input_ids) for item in items)
+        width = self.config.max_length if self.config.pad_to_max_length else longest
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
+            attention_mask[row, : len(item.input_ids)] = 1
+        return input_ids, attention_mask
+
+    def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The archived tokenizer, never a download."""
+    use_offline_hub()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def use_offline_hub() -> None:
+    """Nothing is downloaded at run time: every Hugging Face load in this process stays local."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def text_export_inputs(
+    tokenizer: Any,
+    max_length: int,
+    batch_sizes: Sequence[int] = (1, 3, 8),
+    seq_lengths: Sequence[int] = (7, 33),
+) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
+    """Random token batches with ragged padding: (every shape, max_length-only shapes)."""
+    generator = torch.Generator().manual_seed(0)
+    low = max(tokenizer.all_special_ids or [0]) + 1
+    high = tokenizer.vocab_size
+
+    def batch(size: int, length: int) -> tuple[torch.Tensor, ...]:
+        length = min(length, max_length)
+        input_ids = torch.randint(low, high, (size, length), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        for row in range(1, size):  # rows after the first are padded to varied lengths
+            keep = int(torch.randint(2, length + 1, (1,), generator=generator))
+            input_ids[row, keep:] = tokenizer.pad_token_id or 0
+            attention_mask[row, keep:] = 0
+        input_ids[:, 0] = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else low
+        return input_ids, attention_mask
+
+    dynamic = [batch(size, length) for size in batch_sizes for length in (*seq_lengths, max_length)]
+    fixed = [batch(size, max_length) for size in batch_sizes]
+    return dynamic, fixed
+
+
+def text_export_plan(
+    config: TextConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    files: list[Path],
+    metadata: dict[str, Any],
+) -> ExportPlan:
+    """The plan both text tasks hand to the build: trace on (2, 16), verify ragged batches."""
+    dynamic, fixed = text_export_inputs(tokenizer, config.max_length)
+    example = text_export_inputs(tokenizer, config.max_length, (2,), (16,))[0][0]
+    return ExportPlan(
+        model=model,
+        example_inputs=example,
+        verify_inputs=dynamic,
+        fixed_shape_inputs=fixed,
+        extra_files=files,
+        metadata=metadata,
+    )
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
