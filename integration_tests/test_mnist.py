@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -134,3 +135,18 @@ def test_requests_without_the_token_are_refused(torchserve, predict_url, heldout
 
     response = requests.post(predict_url, data=png_bytes(heldout_digits[0][0]), timeout=30)
     assert response.status_code in (400, 401, 403)
+
+
+def test_describe_shows_the_served_config_and_verification(torchserve):
+    import requests
+
+    response = requests.get(
+        f"{torchserve.management_url}/models/mnist?customized=true",
+        headers=torchserve.auth_headers("management"),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    metadata = response.json()[0]["customizedMetadata"]
+    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+    assert metadata["config"]["mode"] == "image_classification"
+    assert metadata["export"]["verification"]["dynamic_shapes"]["passed"] is True

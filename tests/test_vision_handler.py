@@ -176,3 +176,11 @@ def test_bad_setup_config_fails_at_load_naming_the_key(tiny_vision_archive, tmp_
     config_path.write_text(json.dumps({**config, "colour_mode": "RGB"}))
     with pytest.raises(ValueError, match="unknown key.*colour_mode.*valid keys are.*color_mode"):
         ImageClassifierHandler().initialize(make_context(tmp_path, manifest))
+
+
+def test_describe_reports_config_and_verification(batch):
+    [(code, body, _)] = batch([({"body": b""}, body_headers("", describe="True"))])
+    assert code == 200
+    assert body["handler"] == "ImageClassifierHandler"
+    assert body["config"]["image_size"] == [16, 16]
+    assert body["export"]["verification"]["dynamic_shapes"]["passed"] is True

@@ -121,6 +121,14 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
     def encode(self, outputs: list[Any], decoded: Decoded) -> Any:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "handler": type(self).__name__,
+            "config": self.config.to_dict(),
+            "labels": self.labels,
+            "export": self.export_metadata,
+        }
+
     def explain_inputs(self, inputs: list[Any], decoded: Decoded) -> Any:
         raise InvalidInput(f"{type(self).__name__} does not provide explanations for this model")
 
@@ -132,6 +140,10 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         decoded: dict[int, Decoded] = {}
         explain: dict[int, Decoded] = {}
         for index, row in enumerate(data):
+            if context.get_request_header(index, "describe") == "True":
+                # GET /models/<name>?customized=true: what this worker serves, and how.
+                answers[index] = self._answer(context, index, self.describe)
+                continue
             try:
                 request = Request.from_row(
                     row, self._content_type(context, index), context.get_all_request_header(index)
