@@ -6,34 +6,19 @@ uses and is always stopped at the end of the session, pass or fail.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from serving import ARCHIVES, DIGITS_HELDOUT, MODEL_STORE, require
 
 from ts_handlers.server import LocalTorchServe
-
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_STORE = ROOT / "model_store"
-ARCHIVES = ["mnist.mar", "sentiment.mar", "sentiment_eager.mar", "minilm.mar"]
-DIGITS_HELDOUT = ROOT / "build/checkpoints/digits/heldout.npz"
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(f"{path.relative_to(ROOT)} is missing; run `make archives` first")
-    return path
 
 
 @pytest.fixture(scope="session")
 def torchserve() -> Iterator[LocalTorchServe]:
-    models = [name for name in ARCHIVES if (MODEL_STORE / name).is_file()]
-    require(MODEL_STORE / "mnist.mar")
-    server = LocalTorchServe(MODEL_STORE, models)
+    server = LocalTorchServe(MODEL_STORE, [require(MODEL_STORE / name).name for name in ARCHIVES])
     server.start()
     try:
         yield server
@@ -53,11 +38,3 @@ def inference(torchserve: LocalTorchServe) -> requests.Session:
 def heldout_digits() -> tuple[np.ndarray, np.ndarray]:
     data = np.load(require(DIGITS_HELDOUT))
     return data["images"], data["labels"]
-
-
-def png_bytes(image: np.ndarray | Image.Image) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image, mode="L")
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()

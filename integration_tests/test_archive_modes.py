@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import MODEL_STORE, ROOT, png_bytes
+from serving import MODEL_STORE, ROOT, png_bytes
 
 from ts_handlers.build import build_archive
 from ts_handlers.server import LocalTorchServe

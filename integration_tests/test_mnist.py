@@ -7,8 +7,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import png_bytes
 from PIL import Image
+from serving import png_bytes
 
 MIN_ACCURACY = 0.95
 

@@ -1,49 +1,25 @@
-"""Unit-test helpers: a real ``ts.context.Context`` driven without a server, and tiny models."""
+"""Unit-test fixtures: tiny models taken through the real build, handlers loaded from them."""
 
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ts.context import Context, RequestProcessor
+from harness import (
+    load_text_handler,
+    make_context,
+    make_tiny_bert,
+    make_tiny_tokenizer,
+    run_batch,
+    unpack_archive,
+    write_text_config,
+)
 
 from ts_handlers.build import build_archive
 from ts_handlers.models import SmallCNN
-
-
-def unpack_archive(mar_path: Path, model_dir: Path) -> dict[str, Any]:
-    """Unzips a .mar like TorchServe does and returns its manifest."""
-    with zipfile.ZipFile(mar_path) as archive:
-        archive.extractall(model_dir)
-    return json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-
-
-def make_context(model_dir: Path, manifest: dict[str, Any]) -> Context:
-    return Context(manifest["model"]["modelName"], str(model_dir), manifest, 8, None, "0.12.0")
-
-
-def run_batch(
-    handler: Any, requests: list[tuple[Any, dict[str, str]]]
-) -> list[tuple[int, Any, dict[str, str]]]:
-    """Sends (row, headers) pairs as one TorchServe batch; returns (status, body, headers)."""
-    context = handler.context
-    context.request_processor = [RequestProcessor(headers) for _, headers in requests]
-    answers = handler.handle([row for row, _ in requests], context)
-    assert len(answers) == len(requests), "one answer per request, in order"
-    results = []
-    for index, answer in enumerate(answers):
-        status, _ = context.get_response_status(index)
-        assert context.get_response_content_type(index) == "application/json"
-        results.append((status, json.loads(answer), context.get_response_headers(index)))
-    return results
-
-
-def body_headers(content_type: str = "", **extra: str) -> dict[str, Any]:
-    return {"body": {"content-type": content_type}, **extra}
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +63,50 @@ def vision_handler(tiny_vision_archive: Path, tmp_path_factory: pytest.TempPathF
 @pytest.fixture
 def batch(vision_handler) -> Callable[..., list[tuple[int, Any, dict[str, str]]]]:
     return lambda requests: run_batch(vision_handler, requests)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """save_pretrained files of a tiny random BERT classifier and its tokenizer (no download)."""
+    checkpoint = tmp_path_factory.mktemp("tiny_text") / "checkpoint"
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_bert(tokenizer.vocab_size).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_text_archives(
+    tiny_text_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The checkpoint taken through the real build in both save modes: save_mode -> .mar."""
+    root = tmp_path_factory.mktemp("tiny_text_build")
+    settings = {
+        # A small inference_batch_size makes the handler cut a batch into several sorted groups.
+        "torchscript": {"save_mode": "torchscript", "inference_batch_size": 3},
+        "pretrained": {
+            "save_mode": "pretrained",
+            "captum_explanation": True,
+            "explanation_steps": 16,
+        },
+    }
+    archives = {}
+    for save_mode, setup in settings.items():
+        config_dir = write_text_config(
+            root / f"tiny_text_{save_mode}", tiny_text_checkpoint, **setup
+        )
+        mar_path = build_archive(config_dir, root / "store", force=True)
+        assert mar_path is not None
+        archives[save_mode] = mar_path
+    return archives
+
+
+@pytest.fixture(scope="session")
+def text_handlers(
+    tiny_text_archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A TransformerClassificationHandler initialised from each unpacked archive."""
+    return {
+        save_mode: load_text_handler(mar_path, tmp_path_factory.mktemp(f"tiny_text_{save_mode}"))
+        for save_mode, mar_path in tiny_text_archives.items()
+    }

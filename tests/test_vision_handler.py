@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import body_headers, make_context, unpack_archive
+from harness import body_headers, make_context, unpack_archive
 from PIL import Image
 
 from ts_handlers.vision import ImageClassifierConfig, ImageClassifierHandler, image_to_tensor

@@ -50,7 +50,7 @@ class Task:
 
 def _tasks() -> dict[str, Task]:
     """Mode -> task. A new task is one more line here and one module with its handler."""
-    from ts_handlers import text_classification, vision
+    from ts_handlers import embeddings, text_classification, vision
 
     return {
         "image_classification": Task(
@@ -60,6 +60,11 @@ def _tasks() -> dict[str, Task]:
             text_classification.TextClassificationConfig,
             "ts_handlers.text_classification:handle",
             text_classification.prepare_export,
+        ),
+        "sentence_embedding": Task(
+            embeddings.SentenceEmbeddingConfig,
+            "ts_handlers.embeddings:handle",
+            embeddings.prepare_export,
         ),
     }
 
@@ -144,7 +149,8 @@ def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path,
             raise ExportError(f"exported model differs from eager:\n{fixed.summary()}")
         plan.resolved["pad_to_max_length"] = True
     elif plan.fixed_shape_inputs:
-        plan.resolved.setdefault("pad_to_max_length", False)
+        # Every shape verified: pad per batch, unless the config itself asks for max_length.
+        plan.resolved.setdefault("pad_to_max_length", getattr(config, "pad_to_max_length", False))
     path = files / export_format.file_name
     export_format.save(
         exported, path, {"verification": verification, **plan.metadata, **plan.resolved}

@@ -73,16 +73,20 @@ class TorchScriptFormat(ExportFormat):
     def export(
         self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], method: str
     ) -> torch.nn.Module:
+        if method not in ("trace", "script"):
+            raise ExportError(f"unknown torchscript method {method!r}; use trace or script")
         model = model.eval()
-        with torch.no_grad():
-            if method == "script":
-                exported = torch.jit.script(model)
-            elif method == "trace":
-                exported = torch.jit.trace(model, example_inputs, strict=False)
-            else:
-                raise ExportError(f"unknown torchscript method {method!r}; use trace or script")
-        if self.freeze:
-            exported = torch.jit.freeze(exported.eval())
+        try:
+            with torch.no_grad():
+                if method == "script":
+                    exported = torch.jit.script(model)
+                else:
+                    exported = torch.jit.trace(model, example_inputs, strict=False)
+            if self.freeze:
+                exported = torch.jit.freeze(exported.eval())
+        except Exception as error:  # TorchScript raises many types; the user needs one message
+            hint = " (try export_method 'trace')" if method == "script" else ""
+            raise ExportError(f"torch.jit.{method} failed{hint}: {error}") from error
         return exported
 
     def save(self, exported: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:

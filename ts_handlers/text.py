@@ -36,6 +36,13 @@ TOKENIZER_FILES = (
     "config.json",
 )
 MAX_TEXTS_PER_REQUEST = 1024
+# curl -d sends application/x-www-form-urlencoded, and TorchServe parses such a body into form
+# fields (plain text becomes a field name, or nothing at all), so the handler gets no body.
+FORM_URLENCODED = "application/x-www-form-urlencoded"
+FORM_FIELDS_HINT = (
+    "no text found: the body was sent as form fields (curl -d does that); send the text with "
+    'Content-Type: text/plain, as JSON {"inputs": ...}, or as a form field named "data"'
+)
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,12 @@ class TextHandler(TaskHandler[Any]):
 
     def decode(self, request: Request) -> Decoded:
         if request.is_empty:
+            if request.params or request.content_type == FORM_URLENCODED:
+                raise InvalidInput(FORM_FIELDS_HINT)
             raise InvalidInput('the request body is empty; send text or JSON {"inputs": ...}')
         payload: Any = None
-        if request.looks_like_json():
-            payload = request.json()
+        if self._is_json(request):
+            payload = self._json_payload(request)
             texts, single = self._texts_from_json(payload)
         else:
             texts, single = [request.text()], True
@@ -89,6 +98,23 @@ class TextHandler(TaskHandler[Any]):
             options=options,
             single=single,
         )
+
+    @staticmethod
+    def _is_json(request: Request) -> bool:
+        """JSON when parsed or labelled so; ``text/*`` is always text (it may start with "[")."""
+        if isinstance(request.body, dict | list):
+            return True
+        if request.content_type.startswith("text/"):
+            return False
+        return request.looks_like_json()
+
+    @staticmethod
+    def _json_payload(request: Request) -> Any:
+        # TorchServe has already run json.loads on an application/json body, so a bare JSON
+        # string reaches the handler as a str: that str is the text, not JSON to parse again.
+        if request.content_type == "application/json" and isinstance(request.body, str):
+            return request.body
+        return request.json()
 
     def _texts_from_json(self, payload: Any) -> tuple[list[str], bool]:
         if isinstance(payload, dict):
@@ -128,6 +154,13 @@ class TextHandler(TaskHandler[Any]):
     def tokenize(self, text: str, index: int, truncate: bool = True) -> Tokenized:
         if not text.strip():
             raise InvalidInput(f"inputs[{index}] is empty or whitespace only")
+        try:  # JSON may carry "\ud800" escapes that no UTF-8 tokenizer can take
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidInput(
+                f"inputs[{index}] has an unpaired surrogate at char {error.start}; "
+                "send valid Unicode text"
+            ) from None
         if self.config.do_lower_case:
             text = text.lower()
         max_length = self.config.max_length

@@ -49,6 +49,13 @@ class TextClassificationConfig(TextConfig):
         "mode": ("sequence_classification",),
     }
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("num_labels", "top_k", "explanation_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be at least 1, got {value}")
+
 
 class LogitsOnly(nn.Module):
     """Returns the logits tensor alone, so the model traces cleanly under transformers 5."""
@@ -63,7 +70,7 @@ class LogitsOnly(nn.Module):
 
 class TransformerClassificationHandler(TextHandler):
     config_class = TextClassificationConfig
-    request_options = ("top_k",)
+    request_options = ("top_k", "truncate")
 
     def load_model(self) -> Any:
         if self.config.save_mode == "pretrained":
@@ -78,7 +85,10 @@ class TransformerClassificationHandler(TextHandler):
 
     def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
         default = self.config.top_k or len(self.labels)
-        return {"top_k": int_option("top_k", raw.get("top_k"), default)}
+        return {
+            **super().parse_options(raw),
+            "top_k": int_option("top_k", raw.get("top_k"), default),
+        }
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(input_ids, attention_mask).float(), dim=-1)
@@ -106,7 +116,9 @@ class TransformerClassificationHandler(TextHandler):
                 "explanations need captum in the TorchServe environment: "
                 "pip install 'ts-handlers[explain]'"
             ) from None
-        input_ids, attention_mask = (tensor.to(self.device) for tensor in self.collate([item]))
+        # One text, unpadded (even where the archive pads batches): one attribution per token.
+        input_ids = torch.tensor([item.input_ids], device=self.device)
+        attention_mask = torch.ones_like(input_ids)
         baseline = torch.full_like(input_ids, self.tokenizer.pad_token_id or 0)
         baseline[:, 0], baseline[:, -1] = input_ids[:, 0], input_ids[:, -1]  # keep [CLS]/[SEP]
         with torch.no_grad():
@@ -157,6 +169,12 @@ def prepare_export(config: TextClassificationConfig) -> ExportPlan:
     if config.num_labels is not None and config.num_labels != num_labels:
         raise ConfigError(
             f"num_labels is {config.num_labels} but the checkpoint has {num_labels} labels"
+        )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise ConfigError(
+            f"max_length is {config.max_length} but the checkpoint reads at most {positions} "
+            "tokens (max_position_embeddings); lower max_length"
         )
     metadata = {"num_labels": num_labels, "labels": labels_from_checkpoint(folder)}
     if config.save_mode == "pretrained":

@@ -1,0 +1,32 @@
+"""Shared by the integration tests: where the archives live, and small request helpers.
+
+Kept out of conftest.py so test modules import it by a name no other test folder uses.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_STORE = ROOT / "model_store"
+ARCHIVES = ["mnist.mar", "sentiment.mar", "sentiment_eager.mar", "minilm.mar"]
+DIGITS_HELDOUT = ROOT / "build/checkpoints/digits/heldout.npz"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is missing; run `make archives` first")
+    return path
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image, mode="L")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,0 +1,135 @@
+"""Unit-test harness: drive a handler through a real ``ts.context.Context``, and tiny models.
+
+Kept out of conftest.py so test modules import it by a name no other test folder uses.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ts.context import Context, RequestProcessor
+
+
+def unpack_archive(mar_path: Path, model_dir: Path) -> dict[str, Any]:
+    """Unzips a .mar like TorchServe does and returns its manifest."""
+    with zipfile.ZipFile(mar_path) as archive:
+        archive.extractall(model_dir)
+    return json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+
+
+def make_context(model_dir: Path, manifest: dict[str, Any]) -> Context:
+    return Context(manifest["model"]["modelName"], str(model_dir), manifest, 8, None, "0.12.0")
+
+
+def run_batch(
+    handler: Any, requests: list[tuple[Any, dict[str, str]]]
+) -> list[tuple[int, Any, dict[str, str]]]:
+    """Sends (row, headers) pairs as one TorchServe batch; returns (status, body, headers)."""
+    context = handler.context
+    context.request_processor = [RequestProcessor(headers) for _, headers in requests]
+    answers = handler.handle([row for row, _ in requests], context)
+    assert len(answers) == len(requests), "one answer per request, in order"
+    results = []
+    for index, answer in enumerate(answers):
+        status, _ = context.get_response_status(index)
+        assert context.get_response_content_type(index) == "application/json"
+        results.append((status, json.loads(answer), context.get_response_headers(index)))
+    return results
+
+
+def body_headers(content_type: str = "", **extra: str) -> dict[str, Any]:
+    return {"body": {"content-type": content_type}, **extra}
+
+
+# ---- text: a tiny randomly initialised BERT and its WordPiece tokenizer, built offline ---
+
+TINY_TEXT_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+TINY_TEXT_MAX_LENGTH = 32
+
+TINY_TEXT_CORPUS = [
+    "the movie was great and the acting was superb",
+    "i hated every minute of this awful boring film",
+    "a quiet afternoon with tea, books and rain",
+    "service was slow but the food was really tasty",
+    "what a wonderful surprise, thank you so much!",
+    "the battery died after two days; never again.",
+]
+
+
+def make_tiny_tokenizer() -> Any:
+    """A BERT-style WordPiece tokenizer trained on a few sentences; special tokens come first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(
+        TINY_TEXT_CORPUS, WordPieceTrainer(vocab_size=150, special_tokens=special)
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("[CLS]", "[SEP]")],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
+def make_tiny_bert(vocab_size: int) -> Any:
+    """Two layers, hidden size 32, three labels; a wide initialisation so scores differ."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        initializer_range=0.5,
+        num_labels=len(TINY_TEXT_LABELS),
+        id2label=TINY_TEXT_LABELS,
+        label2id={label: index for index, label in TINY_TEXT_LABELS.items()},
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval()
+
+
+def write_text_config(config_dir: Path, checkpoint: Path, **setup: Any) -> Path:
+    """An archiver_configs/<name> folder for a sequence-classification checkpoint."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    setup = {
+        "mode": "sequence_classification",
+        "model_name": str(checkpoint),
+        "max_length": TINY_TEXT_MAX_LENGTH,
+        **setup,
+    }
+    (config_dir / "setup_config.json").write_text(json.dumps(setup))
+    (config_dir / "model-config.yaml").write_text("batchSize: 4\nmaxBatchDelay: 10\n")
+    return config_dir
+
+
+def load_text_handler(mar_path: Path, model_dir: Path) -> Any:
+    from ts_handlers.text_classification import TransformerClassificationHandler
+
+    manifest = unpack_archive(mar_path, model_dir)
+    handler = TransformerClassificationHandler()
+    handler.initialize(make_context(model_dir, manifest))
+    return handler
