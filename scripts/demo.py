@@ -26,7 +26,7 @@ SENTENCES = [
     "The hotel staff were wonderful and checked us in early.",
     "My order arrived broken and nobody answered my emails.",
     "Honestly, not bad at all for the price!",
-    "Ce film était une perte de temps. 😒",
+    "The crème brûlée was stale and the waiter ignored us 😒",
 ]
 
 
