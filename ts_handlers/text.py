@@ -164,14 +164,13 @@ class TextHandler(TaskHandler[Any]):
         if self.config.do_lower_case:
             text = text.lower()
         max_length = self.config.max_length
-        input_ids = self.tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"]
+        # One tokenizer pass: truncate while tokenizing, or count every token to refuse.
+        input_ids = self.tokenizer(text, truncation=truncate, max_length=max_length)["input_ids"]
         if len(input_ids) > max_length:
-            if not truncate:
-                raise PayloadTooLarge(
-                    f"inputs[{index}] is {len(input_ids)} tokens; this model reads at most "
-                    f"{max_length}. Shorten it or send truncate: true"
-                )
-            input_ids = self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            raise PayloadTooLarge(
+                f"inputs[{index}] is {len(input_ids)} tokens; this model reads at most "
+                f"{max_length}. Shorten it or send truncate: true"
+            )
         return Tokenized(input_ids=input_ids, text=text)
 
     # ---- forward ---------------------------------------------------------------------------
