@@ -85,6 +85,8 @@ class Request:
         """The body parsed as JSON; TorchServe has already parsed application/json bodies."""
         if isinstance(self.body, JSON_TYPES) and not isinstance(self.body, str):
             return self.body
+        if isinstance(self.body, str) and self.content_type == "application/json":
+            return self.body  # a bare JSON string TorchServe decoded: not JSON to parse again
         text = self.text()
         try:
             return json.loads(text)
@@ -96,6 +98,8 @@ class Request:
     def looks_like_json(self) -> bool:
         if isinstance(self.body, dict | list):
             return True
+        if self.content_type.startswith("text/"):
+            return False  # declared text, even when it starts with "[" or "{"
         if self.content_type == "application/json":
             return True
         head = self.body[:1] if isinstance(self.body, bytes | bytearray | str) else b""

@@ -85,8 +85,8 @@ class TextHandler(TaskHandler[Any]):
                 raise InvalidInput(FORM_FIELDS_HINT)
             raise InvalidInput('the request body is empty; send text or JSON {"inputs": ...}')
         payload: Any = None
-        if self._is_json(request):
-            payload = self._json_payload(request)
+        if request.looks_like_json():
+            payload = request.json()
             texts, single = self._texts_from_json(payload)
         else:
             texts, single = [request.text()], True
@@ -98,23 +98,6 @@ class TextHandler(TaskHandler[Any]):
             options=options,
             single=single,
         )
-
-    @staticmethod
-    def _is_json(request: Request) -> bool:
-        """JSON when parsed or labelled so; ``text/*`` is always text (it may start with "[")."""
-        if isinstance(request.body, dict | list):
-            return True
-        if request.content_type.startswith("text/"):
-            return False
-        return request.looks_like_json()
-
-    @staticmethod
-    def _json_payload(request: Request) -> Any:
-        # TorchServe has already run json.loads on an application/json body, so a bare JSON
-        # string reaches the handler as a str: that str is the text, not JSON to parse again.
-        if request.content_type == "application/json" and isinstance(request.body, str):
-            return request.body
-        return request.json()
 
     def _texts_from_json(self, payload: Any) -> tuple[list[str], bool]:
         if isinstance(payload, dict):

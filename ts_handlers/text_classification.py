@@ -27,6 +27,7 @@ from ts_handlers.text import (
     TextConfig,
     TextHandler,
     Tokenized,
+    load_tokenizer,
     text_export_plan,
     tokenizer_files,
     use_offline_hub,
@@ -180,8 +181,6 @@ def prepare_export(config: TextClassificationConfig) -> ExportPlan:
     if config.save_mode == "pretrained":
         files = [path for path in folder.iterdir() if path.is_file() and path.suffix != ".tsv"]
         return ExportPlan(model=None, extra_files=files, metadata=metadata)
-    from ts_handlers.text import load_tokenizer
-
     return text_export_plan(
         config, LogitsOnly(model).eval(), load_tokenizer(folder), tokenizer_files(folder), metadata
     )
