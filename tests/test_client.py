@@ -320,14 +320,21 @@ def test_register_conflict_maps_to_error(client: TorchServeClient, management: S
     assert info.value.error_type == "ConflictStatusException"
 
 
-def test_scale_pins_min_and_max(client: TorchServeClient, management: StubServer) -> None:
+def test_scale_pins_min_and_max_and_waits_for_ready_workers(
+    client: TorchServeClient, management: StubServer
+) -> None:
     management.reply("PUT", "/models/echo", {"status": "Workers scaled to 2 for model: echo"})
+    starting = [{"status": "READY"}, {"status": "UNLOADING"}]
+    management.reply("GET", "/models/echo", [{"modelName": "echo", "workers": starting}])
+    ready = [{"status": "READY"}, {"status": "READY"}]
+    management.reply("GET", "/models/echo", [{"modelName": "echo", "workers": ready}])
 
     assert client.scale("echo", 2) == {"status": "Workers scaled to 2 for model: echo"}
 
-    seen = only(management)
-    assert seen.method == "PUT"
-    assert seen.query == {"min_worker": ["2"], "max_worker": ["2"], "synchronous": ["true"]}
+    put, *polls = management.seen
+    assert put.method == "PUT"
+    assert put.query == {"min_worker": ["2"], "max_worker": ["2"], "synchronous": ["true"]}
+    assert [(poll.method, poll.path) for poll in polls] == [("GET", "/models/echo")] * 2
 
 
 def test_scale_to_zero_undeploys_a_version_without_waiting(

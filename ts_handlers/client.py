@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -161,15 +162,22 @@ class TorchServeClient:
         """Pin the model to exactly ``workers`` workers; ``0`` undeploys but keeps it registered.
 
         Setting min and max to the same number makes the result predictable: TorchServe would
-        otherwise only guarantee ``min_worker``.  Without ``wait`` the server answers 202 at
-        once and new workers briefly show up in :meth:`describe` with status ``UNLOADING``
-        while they start.
+        otherwise only guarantee ``min_worker``.  New workers show up in :meth:`describe` with
+        status ``UNLOADING`` while they start, and a synchronous scale can answer before the
+        last of them is ``READY``; with ``wait`` this method returns only once all ``workers``
+        are ready (or raises ``TimeoutError`` after ``timeout`` seconds).
         """
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         params = {"min_worker": workers, "max_worker": workers, "synchronous": _flag(wait)}
         path = _path("models", name, version)
-        return self._management("PUT", path, params=params, timeout=timeout).json()
+        deadline = time.monotonic() + timeout
+        answer = self._management("PUT", path, params=params, timeout=timeout).json()
+        while wait and self.ready_workers(name, version) < workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: {workers} workers not ready after {timeout:.0f}s")
+            time.sleep(0.2)
+        return answer
 
     def unregister(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Delete a model (or one version of it) and stop its workers.
