@@ -35,6 +35,7 @@ def tiny_vision_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
             {
                 "mode": "image_classification",
                 "model_name": str(checkpoint),
+                "model_class": "ts_handlers.models:SmallCNN",
                 "image_size": [16, 16],
                 "top_k": 2,
                 "max_image_pixels": 1_000_000,

@@ -133,3 +133,139 @@ def load_text_handler(mar_path: Path, model_dir: Path) -> Any:
     handler = TransformerClassificationHandler()
     handler.initialize(make_context(model_dir, manifest))
     return handler
+
+
+# ---- tokenizers of the other families, built offline (no sentencepiece model needed) ------
+
+
+def make_bpe_tokenizer() -> Any:
+    """A RoBERTa-style byte-level BPE tokenizer: <s> text </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TINY_TEXT_CORPUS, trainer)
+    tokenizer.post_processor = processors.RobertaProcessing(
+        ("</s>", tokenizer.token_to_id("</s>")), ("<s>", tokenizer.token_to_id("<s>"))
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=64,
+    )
+
+
+def make_unigram_tokenizer() -> Any:
+    """A SentencePiece-style Unigram tokenizer (what DeBERTa-v2 and ALBERT ship), trained here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import UnigramTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = UnigramTrainer(vocab_size=150, special_tokens=special, unk_token="[UNK]")
+    tokenizer.train_from_iterator(TINY_TEXT_CORPUS, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("[CLS]", "[SEP]")],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
+# Architecture -> (config class, model class, tokenizer factory, size keys): tiny and random.
+_SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+TINY_ARCHITECTURES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "bert": ("BertConfig", "BertForSequenceClassification", "wordpiece", {**_SMALL}),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        "wordpiece",
+        {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48},
+    ),
+    # RoBERTa's positions start after the padding index: two more rows than tokens.
+    "roberta": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        "bpe",
+        {**_SMALL, "max_position_embeddings": 66},
+    ),
+    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", "unigram", {**_SMALL}),
+    "electra": (
+        "ElectraConfig",
+        "ElectraForSequenceClassification",
+        "wordpiece",
+        {**_SMALL, "embedding_size": 16},
+    ),
+    "albert": (
+        "AlbertConfig",
+        "AlbertForSequenceClassification",
+        "unigram",
+        {**_SMALL, "embedding_size": 16},
+    ),
+}
+TOKENIZERS = {
+    "wordpiece": make_tiny_tokenizer,
+    "bpe": make_bpe_tokenizer,
+    "unigram": make_unigram_tokenizer,
+}
+# problem type -> (num_labels, config.problem_type)
+PROBLEM_TYPES = {
+    "single_label": (3, "single_label_classification"),
+    "multi_label": (3, "multi_label_classification"),
+    "regression": (1, "regression"),
+}
+
+
+def save_tiny_classifier(folder: Path, architecture: str, problem: str, seed: int = 0) -> Path:
+    """save_pretrained files of a tiny random classifier of one architecture and problem type."""
+    import torch
+    import transformers
+
+    config_name, model_name, tokenizer_kind, sizes = TINY_ARCHITECTURES[architecture]
+    tokenizer = TOKENIZERS[tokenizer_kind]()
+    num_labels, problem_type = PROBLEM_TYPES[problem]
+    labels = {i: f"{problem}_{i}" for i in range(num_labels)}
+    config = getattr(transformers, config_name)(
+        **{
+            "vocab_size": len(tokenizer),
+            "intermediate_size": 48,
+            "max_position_embeddings": 64,
+            "initializer_range": 0.3,
+            "num_labels": num_labels,
+            "problem_type": problem_type,
+            "id2label": labels,
+            "label2id": {label: i for i, label in labels.items()},
+            "pad_token_id": tokenizer.pad_token_id,
+            **sizes,
+        }
+    )
+    torch.manual_seed(seed)
+    getattr(transformers, model_name)(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

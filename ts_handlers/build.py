@@ -32,6 +32,7 @@ from typing import Any
 
 from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig, load_config
 from ts_handlers.export import ExportError, ExportPlan, format_for, verify
+from ts_handlers.labels import LABELS_FILE, read_labels
 
 logger = logging.getLogger("ts_handlers.build")
 
@@ -39,6 +40,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CONFIG_FILE = "model-config.yaml"
 REPORT_FILE = "export_report.json"
 ENTRY_MODULE = "ts_handlers_entry"
+# Keys naming files or folders; a relative one is read from the config folder, wherever the
+# build runs from.
+PATH_KEYS = ("model_name", "serialized_file", "model_file")
 
 
 @dataclass(frozen=True)
@@ -88,13 +92,17 @@ def build_archive(
         )
     task = tasks[mode]
     config = load_config(task.config_class, config_dir / SETUP_CONFIG_FILE)
+    # The archive keeps the config as written; the export reads the files it names.
+    export_config = resolve_paths(config, config_dir)
     mar_path = model_store / f"{name}.mar"
-    if not force and _up_to_date(mar_path, config_dir, config):
+    if not force and _up_to_date(mar_path, config_dir, export_config):
         print(f"[{name}] up to date: {mar_path}")
         return None
 
     started = time.perf_counter()
-    plan = task.prepare(config)
+    plan = task.prepare(export_config)
+    # Refused before anything is exported or written: a wrong labels file fails every request.
+    read_labels(config_dir / LABELS_FILE, plan.num_classes)
     with tempfile.TemporaryDirectory(prefix=f"ts-handlers-{name}-") as staging_name:
         staging = Path(staging_name)
         files = staging / "files"
@@ -102,13 +110,13 @@ def build_archive(
         report: dict[str, Any] = {"name": name, "mode": mode, "save_mode": config.save_mode}
         serialized = None
         if config.save_mode != "pretrained":
-            serialized, verification = _export(config, plan, files)
+            serialized, verification = _export(export_config, plan, files)
             report["verification"] = verification
         resolved = {**config.to_dict(), **plan.resolved}
         report.update(metadata=plan.metadata, resolved=plan.resolved)
         (files / SETUP_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
         (files / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        for source in [config_dir / "index_to_name.json", *plan.extra_files]:
+        for source in [config_dir / LABELS_FILE, *plan.extra_files]:
             if source.is_file():
                 shutil.copy2(source, files / source.name)
         extra_dirs = [source for source in plan.extra_files if source.is_dir()]
@@ -130,23 +138,46 @@ def build_archive(
     return mar_path
 
 
+def resolve_paths(config: HandlerConfig, config_dir: Path) -> HandlerConfig:
+    """The config with every relative path key made relative to ``config_dir``."""
+    resolved = {
+        key: str((config_dir / value).resolve())
+        for key in PATH_KEYS
+        if (value := getattr(config, key)) and not Path(value).is_absolute()
+    }
+    return replace(config, **resolved)
+
+
 def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path, dict[str, Any]]:
-    if plan.model is None:
-        raise ExportError(f"save_mode {config.save_mode!r} needs an eager model to export")
     export_format = format_for(config.save_mode, freeze=config.freeze)
-    exported = export_format.export(plan.model, plan.example_inputs, config.export_method)
-    report = verify(plan.model, exported, plan.verify_inputs, config.verify_atol)
+    if plan.exported is not None:
+        # The user's own graph: nothing to export, and no eager model to compare it with.
+        exported, against = plan.exported, "itself, one input at a time (no eager model)"
+        reference = plan.reference
+    elif plan.model is not None:
+        exported = export_format.export(plan.model, plan.example_inputs, config.export_method)
+        against, reference = "eager", plan.reference or plan.model
+    else:
+        raise ExportError(f"save_mode {config.save_mode!r} needs an eager model to export")
+    assert reference is not None
+    report = verify(reference, exported, plan.verify_inputs, config.verify_atol, against)
     print(report.summary())
-    verification: dict[str, Any] = {"dynamic_shapes": report.to_dict()}
+    verification: dict[str, Any] = {
+        "eager_reference": plan.exported is None,
+        "dynamic_shapes": report.to_dict(),
+    }
     if not report.passed:
         if not plan.fixed_shape_inputs:
-            raise ExportError(f"exported model differs from eager:\n{report.summary()}")
+            raise ExportError(f"exported model differs from {against}:\n{report.summary()}")
         print("the export does not hold at every shape; checking fixed-shape (padded) inputs")
-        fixed = verify(plan.model, exported, plan.fixed_shape_inputs, config.verify_atol)
+        fixed_reference = plan.fixed_shape_reference or reference
+        fixed = verify(
+            fixed_reference, exported, plan.fixed_shape_inputs, config.verify_atol, against
+        )
         print(fixed.summary())
         verification["fixed_shape"] = fixed.to_dict()
         if not fixed.passed:
-            raise ExportError(f"exported model differs from eager:\n{fixed.summary()}")
+            raise ExportError(f"exported model differs from {against}:\n{fixed.summary()}")
         plan.resolved["pad_to_max_length"] = True
     elif plan.fixed_shape_inputs:
         # Every shape verified: pad per batch, unless the config itself asks for max_length.
@@ -231,8 +262,7 @@ def _up_to_date(mar_path: Path, config_dir: Path, config: HandlerConfig) -> bool
     if not mar_path.is_file():
         return False
     inputs = [config_dir, PACKAGE_DIR]
-    if config.model_name and Path(config.model_name).exists():
-        inputs.append(Path(config.model_name))
+    inputs += [Path(v) for key in PATH_KEYS if (v := getattr(config, key)) and Path(v).exists()]
     newest = max(
         (path.stat().st_mtime for root in inputs for path in [root, *root.rglob("*")]),
         default=0.0,

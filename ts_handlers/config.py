@@ -43,6 +43,11 @@ class HandlerConfig:
     verify_atol: float = 1e-4
     # Inputs run through the model in one forward; bounds memory when a request carries many.
     inference_batch_size: int = 32
+    # The user's own files, named as torch-model-archiver names them (see user_files.py): a
+    # TorchScript file, or a state_dict loaded into model_class from the .py model_file.
+    serialized_file: str = ""
+    model_file: str = ""
+    model_class: str = ""
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         "save_mode": ("torchscript", "pretrained"),

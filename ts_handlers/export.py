@@ -25,9 +25,18 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "ts_handlers.json"  # name inside TorchScript's _extra_files
 
 
+Reference = Callable[..., torch.Tensor]
+
+
 @dataclass
 class ExportPlan:
-    """What a task hands the generic build: an eager model and the inputs to check it on."""
+    """What a task hands the generic build: a model and the inputs to check its export on.
+
+    Either ``model`` is the eager module (exported here, verified against itself), or
+    ``exported`` is a graph the user already has (their own TorchScript file): there is no eager
+    model then, and ``reference`` runs that graph one input at a time, so verification checks
+    that batching (and padding) does not change any answer.
+    """
 
     model: torch.nn.Module | None
     example_inputs: tuple[torch.Tensor, ...] = ()
@@ -35,6 +44,12 @@ class ExportPlan:
     # Fixed-shape inputs tried when the export does not hold at other shapes (a trace that baked
     # in the sequence length, say); passing them means "pad every input to this shape".
     fixed_shape_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    exported: torch.nn.Module | None = None
+    # What verification compares against: the eager model unless set.
+    reference: Reference | None = None
+    fixed_shape_reference: Reference | None = None
+    # Classes the model outputs (classifiers); the build checks the labels file against it.
+    num_classes: int | None = None
     # Files or folders copied into the archive beside the model (tokenizer, eager checkpoint).
     extra_files: list[Path] = field(default_factory=list)
     # Values the export decided, written back into the archived setup_config.json.
@@ -125,9 +140,21 @@ def load_artifact(
     )
 
 
+def one_at_a_time(model: Callable[..., torch.Tensor]) -> Reference:
+    """A reference that runs each row of a batch alone (for graphs with no eager model)."""
+
+    def reference(*inputs: torch.Tensor) -> torch.Tensor:
+        rows = [model(*(tensor[i : i + 1] for tensor in inputs)) for i in range(len(inputs[0]))]
+        return torch.cat(rows)
+
+    return reference
+
+
 @dataclass
 class VerificationReport:
     atol: float
+    # What the exported outputs were compared with: "eager" or "one input at a time".
+    reference: str = "eager"
     cases: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -142,7 +169,8 @@ class VerificationReport:
         return {**asdict(self), "max_abs_diff": self.max_abs_diff, "passed": self.passed}
 
     def summary(self) -> str:
-        lines = [f"verification (atol {self.atol:g}): {'PASSED' if self.passed else 'FAILED'}"]
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [f"verification against {self.reference} (atol {self.atol:g}): {verdict}"]
         for case in self.cases:
             shape = "x".join(str(size) for size in case["shape"])
             status = "ok" if case["passed"] else "MISMATCH"
@@ -156,9 +184,14 @@ def verify(
     exported: Callable[..., torch.Tensor],
     input_sets: Iterable[Sequence[torch.Tensor]],
     atol: float,
+    reference: str = "eager",
 ) -> VerificationReport:
-    """Runs both models on every input set and records the largest absolute difference."""
-    report = VerificationReport(atol=atol)
+    """Runs both models on every input set and records the largest absolute difference.
+
+    A non-finite output fails its case: NaN compares unequal to everything, and an infinity in
+    both would otherwise pass as a difference of NaN.
+    """
+    report = VerificationReport(atol=atol, reference=reference)
     with torch.inference_mode():
         for inputs in input_sets:
             case: dict[str, Any] = {"shape": list(inputs[0].shape)}
@@ -169,6 +202,8 @@ def verify(
                     raise ExportError(
                         f"shape {tuple(actual.shape)} differs from eager {tuple(expected.shape)}"
                     )
+                if not bool(torch.isfinite(actual).all()):
+                    raise ExportError("the exported model returned NaN or infinite values")
                 diff = (expected.float() - actual.float()).abs().max().item()
                 case.update(max_abs_diff=diff, passed=diff <= atol)
             except Exception as error:  # a trace that cannot run at this shape is a failed case

@@ -22,8 +22,8 @@ import torch
 from ts_handlers.base import Decoded, TaskHandler
 from ts_handlers.config import ConfigError, HandlerConfig
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
-from ts_handlers.export import ExportPlan
-from ts_handlers.payload import Request, bool_option
+from ts_handlers.export import ExportPlan, one_at_a_time
+from ts_handlers.payload import Request, bool_option, reject_unknown_fields
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ class TextHandler(TaskHandler[Any]):
 
     def setup(self) -> None:
         self.tokenizer = load_tokenizer(self.model_dir)
+        check_tokenizer_fits(self.tokenizer, self.embedding_rows(), str(self.model_dir))
+
+    def embedding_rows(self) -> int | None:
+        """Rows of the model's token-embedding table, as the export recorded them."""
+        return self.export_metadata.get("embedding_rows")
 
     # ---- decode ----------------------------------------------------------------------------
 
@@ -101,10 +106,7 @@ class TextHandler(TaskHandler[Any]):
 
     def _texts_from_json(self, payload: Any) -> tuple[list[str], bool]:
         if isinstance(payload, dict):
-            unknown = sorted(set(payload) - {"inputs", *self.request_options})
-            if unknown:
-                allowed = ", ".join(["inputs", *self.request_options])
-                raise InvalidInput(f"unknown field(s) {', '.join(unknown)}; accepted: {allowed}")
+            reject_unknown_fields(payload, ["inputs", *self.request_options])
             if "inputs" not in payload:
                 raise InvalidInput('the JSON body needs "inputs": a string or a list of strings')
             payload = payload["inputs"]
@@ -208,8 +210,10 @@ def text_export_inputs(
 ) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
     """Random token batches with ragged padding: (every shape, max_length-only shapes)."""
     generator = torch.Generator().manual_seed(0)
+    high = len(tokenizer)
     low = max(tokenizer.all_special_ids or [0]) + 1
-    high = tokenizer.vocab_size
+    if low >= high:  # special tokens at the end of the vocabulary (or nothing else in it)
+        low = 0
 
     def batch(size: int, length: int) -> tuple[torch.Tensor, ...]:
         length = min(length, max_length)
@@ -233,19 +237,97 @@ def text_export_plan(
     tokenizer: Any,
     files: list[Path],
     metadata: dict[str, Any],
+    *,
+    exported: torch.nn.Module | None = None,
 ) -> ExportPlan:
-    """The plan both text tasks hand to the build: trace on (2, 16), verify ragged batches."""
+    """The plan both text tasks hand to the build: trace on (2, 16), verify ragged batches.
+
+    ``model`` maps ``(input_ids, attention_mask)`` to one output row per text. With
+    ``exported`` (the user's own TorchScript, ``model`` is then that same graph) there is no
+    eager model: each text run alone and unpadded is the reference, which also decides whether
+    batches may be padded per group or must be padded to ``max_length``.
+    """
+    rows = check_tokenizer_fits(tokenizer, embedding_rows(model), "the model")
+    if rows is None:
+        _check_largest_id_runs(model, tokenizer, config.max_length)
     dynamic, fixed = text_export_inputs(tokenizer, config.max_length)
     example = text_export_inputs(tokenizer, config.max_length, (2,), (16,))[0][0]
-    return ExportPlan(
-        model=model,
+    plan = ExportPlan(
+        model=None if exported is not None else model,
         example_inputs=example,
         verify_inputs=dynamic,
         fixed_shape_inputs=fixed,
         extra_files=files,
-        metadata=metadata,
+        metadata={**metadata, "embedding_rows": rows} if rows else metadata,
     )
+    if exported is not None:
+        plan.exported = exported
+        plan.reference = one_text_at_a_time(exported)
+        plan.fixed_shape_reference = one_at_a_time(exported)
+    return plan
+
+
+def one_text_at_a_time(model: Any) -> Any:
+    """Runs each row alone, cut to its own length: what an unbatched, unpadded call answers."""
+
+    def reference(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in range(len(input_ids)):
+            length = int(attention_mask[row].sum())
+            rows.append(
+                model(input_ids[row : row + 1, :length], attention_mask[row : row + 1, :length])
+            )
+        return torch.cat(rows)
+
+    return reference
+
+
+def embedding_rows(model: Any) -> int | None:
+    """Rows of a Hugging Face model's input-embedding table (None for other models)."""
+    inner = getattr(model, "model", model)  # our export wrappers keep the HF model as .model
+    get_embeddings = getattr(inner, "get_input_embeddings", None)
+    layer = get_embeddings() if callable(get_embeddings) else None
+    return int(layer.num_embeddings) if isinstance(layer, torch.nn.Embedding) else None
+
+
+def check_tokenizer_fits(tokenizer: Any, rows: int | None, where: str) -> int | None:
+    """Refuses a tokenizer that was not made for the model's embedding table."""
+    size = len(tokenizer)
+    if rows is None:
+        return None
+    if size > rows:
+        problem = f"produces ids up to {size - 1}, past the model's {rows}-row embedding table"
+    elif size * 2 < rows:
+        problem = f"has {size} tokens for a model whose embedding table has {rows} rows"
+    else:
+        return rows
+    raise ConfigError(
+        f"the tokenizer in {where} {problem}: it was not made for this model. Use the tokenizer "
+        "saved with the checkpoint (tokenizer.save_pretrained into the model folder), or, if "
+        "you added tokens, call model.resize_token_embeddings(len(tokenizer)) before saving"
+    )
+
+
+def _check_largest_id_runs(model: Any, tokenizer: Any, length: int) -> None:
+    """Runs the tokenizer's largest id through the model: the one check a bare graph allows."""
+    mask = torch.ones((1, length), dtype=torch.long)
+    with torch.inference_mode():
+        try:
+            model(torch.zeros_like(mask), mask)
+        except Exception:
+            return  # the graph fails at this shape anyway; verification reports that
+        try:
+            model(torch.full_like(mask, len(tokenizer) - 1), mask)
+        except Exception as error:
+            raise ConfigError(
+                f"the model fails on the tokenizer's largest id {len(tokenizer) - 1} (is the "
+                f"tokenizer the model's own?): {_first_line(error)}"
+            ) from None
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -1,8 +1,11 @@
 """Hugging Face sequence classification, verified against ``transformers.pipeline``.
 
-Request: ``text/plain``, JSON ``{"inputs": "text" | ["t1", ...], "top_k": k}``, or a bare JSON
-string or list. Answer per text: ``[{"label": ..., "score": ...}, ...]`` sorted by score (all
-labels unless ``top_k``); a list input gets a list of those, in order.
+Request: ``text/plain``, JSON ``{"inputs": "text" | ["t1", ...], "top_k": k,
+"function_to_apply": "softmax" | "sigmoid" | "none"}``, or a bare JSON string or list. Answer
+per text: ``[{"label": ..., "score": ...}, ...]`` sorted by score (all labels unless ``top_k``);
+a list input gets a list of those, in order. Scores are what the pipeline answers for the
+checkpoint's ``problem_type``: softmax (single label), sigmoid (multi-label, or one output with
+no problem type) or the raw value (regression).
 
 ``POST /explanations/<model>`` returns per-token layer-integrated-gradients attributions when the
 archive was built with ``save_mode: pretrained`` and ``captum_explanation: true``.
@@ -22,32 +25,44 @@ from ts_handlers.base import Decoded, entry_point, top_k_labels
 from ts_handlers.config import ConfigError
 from ts_handlers.errors import InvalidInput
 from ts_handlers.export import ExportPlan
+from ts_handlers.labels import check_label_count
 from ts_handlers.payload import int_option
 from ts_handlers.text import (
     TextConfig,
     TextHandler,
     Tokenized,
+    check_tokenizer_fits,
+    embedding_rows,
     load_tokenizer,
     text_export_plan,
     tokenizer_files,
     use_offline_hub,
 )
 
+# transformers.pipeline's ``function_to_apply`` values.
+FUNCTIONS = ("softmax", "sigmoid", "none")
+
 
 @dataclass(frozen=True)
 class TextClassificationConfig(TextConfig):
     mode: str = "sequence_classification"
     num_labels: int | None = None
+    # What turns logits into scores, as transformers.pipeline names it. None: decided by the
+    # checkpoint's problem_type and num_labels, as the pipeline decides (see function_for).
+    function_to_apply: str | None = None
     # Explanations need the eager model, so they require save_mode "pretrained".
     captum_explanation: bool = False
-    # Attribute of the model holding the embeddings layer to attribute over ("bert", "roberta").
-    embedding_name: str = "bert"
+    # The layer explanations attribute over: a module path ("bert.embeddings"), or the base
+    # model's attribute name as TorchServe's handler takes it ("bert"). Empty: the layer that
+    # holds the model's input embeddings, found by the export.
+    embedding_name: str = ""
     top_k: int | None = None  # None: every label
     explanation_steps: int = 50
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **TextConfig.CHOICES,
         "mode": ("sequence_classification",),
+        "function_to_apply": (None, *FUNCTIONS),
     }
 
     def __post_init__(self) -> None:
@@ -56,6 +71,23 @@ class TextClassificationConfig(TextConfig):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+def function_for(problem_type: str | None, num_labels: int) -> str:
+    """The pipeline's default: regression -> none; multi-label or one output -> sigmoid."""
+    if problem_type == "regression":
+        return "none"
+    if problem_type == "multi_label_classification" or num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def apply_function(logits: torch.Tensor, function: str) -> torch.Tensor:
+    if function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if function == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
 
 
 class LogitsOnly(nn.Module):
@@ -71,31 +103,61 @@ class LogitsOnly(nn.Module):
 
 class TransformerClassificationHandler(TextHandler):
     config_class = TextClassificationConfig
-    request_options = ("top_k", "truncate")
+    request_options = ("top_k", "truncate", "function_to_apply")
 
     def load_model(self) -> Any:
         if self.config.save_mode == "pretrained":
             self.eager_model = load_classifier(self.model_dir).to(self.device)
+            if self.config.captum_explanation:  # a wrong layer fails the load, not a request
+                self.embedding_layer = embedding_layer(
+                    self.eager_model, self.config.embedding_name
+                )[1]
+            self.export_metadata = checkpoint_metadata(self.eager_model)
             return LogitsOnly(self.eager_model)
         return super().load_model()
 
+    def embedding_rows(self) -> int | None:
+        if self.config.save_mode == "pretrained":
+            return embedding_rows(self.eager_model)
+        return super().embedding_rows()
+
+    def num_classes(self) -> int | None:
+        metadata = self.export_metadata
+        return metadata.get("num_classes", metadata.get("num_labels"))
+
     def setup(self) -> None:
         super().setup()
+        metadata = self.export_metadata
+        num_classes = int(self.num_classes())
         if self.labels is None:
-            self.labels = labels_from_checkpoint(self.model_dir)
+            self.labels = metadata.get("labels") or [f"LABEL_{i}" for i in range(num_classes)]
+        check_label_count(self.labels, num_classes, "the archive's labels")
+        self.function = self.config.function_to_apply or function_for(
+            metadata.get("problem_type"), num_classes
+        )
 
     def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
         default = self.config.top_k or len(self.labels)
+        function = raw.get("function_to_apply")
+        if function is not None and function not in FUNCTIONS:
+            raise InvalidInput(
+                f"function_to_apply must be one of {', '.join(FUNCTIONS)}, "
+                f"got {json.dumps(function)}"
+            )
         return {
             **super().parse_options(raw),
             "top_k": int_option("top_k", raw.get("top_k"), default),
+            "function_to_apply": function or self.function,
         }
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(input_ids, attention_mask).float(), dim=-1)
+        return self.model(input_ids, attention_mask).float()
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
-        answers = [top_k_labels(probs, self.labels, decoded.options["top_k"]) for probs in outputs]
+        function, top_k = decoded.options["function_to_apply"], decoded.options["top_k"]
+        answers = [
+            top_k_labels(apply_function(logits, function), self.labels, top_k) for logits in outputs
+        ]
         return answers[0] if decoded.single else answers
 
     def explain_inputs(self, inputs: list[Tokenized], decoded: Decoded) -> Any:
@@ -110,40 +172,86 @@ class TransformerClassificationHandler(TextHandler):
         return answers[0] if decoded.single else answers
 
     def _explain_one(self, item: Tokenized) -> dict[str, Any]:
-        try:
-            from captum.attr import LayerIntegratedGradients
-        except ImportError:  # pragma: no cover - depends on the serving environment
-            raise InvalidInput(
-                "explanations need captum in the TorchServe environment: "
-                "pip install 'ts-handlers[explain]'"
-            ) from None
-        # One text, unpadded (even where the archive pads batches): one attribution per token.
-        input_ids = torch.tensor([item.input_ids], device=self.device)
-        attention_mask = torch.ones_like(input_ids)
-        baseline = torch.full_like(input_ids, self.tokenizer.pad_token_id or 0)
-        baseline[:, 0], baseline[:, -1] = input_ids[:, 0], input_ids[:, -1]  # keep [CLS]/[SEP]
-        with torch.no_grad():
-            probabilities = torch.softmax(self.model(input_ids, attention_mask).float(), dim=-1)[0]
-        target = int(probabilities.argmax())
-        embeddings = getattr(self.eager_model, self.config.embedding_name).embeddings
-        integrated = LayerIntegratedGradients(self.model, embeddings)
-        attributions, delta = integrated.attribute(
-            input_ids,
-            baselines=baseline,
-            additional_forward_args=(attention_mask,),
-            target=target,
-            n_steps=self.config.explanation_steps,
-            return_convergence_delta=True,
+        target, scores, attributions, delta = explain(
+            self.model,
+            self.embedding_layer,
+            item.input_ids,
+            self.tokenizer.pad_token_id or 0,
+            self.config.explanation_steps,
         )
-        scores = attributions.sum(dim=-1)[0]
-        scores = scores / scores.norm().clamp_min(1e-12)
         return {
             "label": self.labels[target],
-            "score": float(probabilities[target]),
+            "score": float(apply_function(scores, self.function)[target]),
             "tokens": self.tokenizer.convert_ids_to_tokens(item.input_ids),
-            "attributions": [float(value) for value in scores.detach().cpu()],
-            "delta": float(delta.detach().cpu().abs().max()),
+            "attributions": attributions,
+            "delta": delta,
         }
+
+
+def explain(
+    model: nn.Module, layer: nn.Module, token_ids: list[int], pad_id: int, steps: int
+) -> tuple[int, torch.Tensor, list[float], float]:
+    """Layer integrated gradients for one unpadded text, for its top class.
+
+    Returns (target class, the logits, one normalised attribution per token, the convergence
+    delta). The baseline is the text with every token but the first and last replaced by
+    padding, so [CLS]/[SEP] (or <s>/</s>) keep their places.
+    """
+    try:
+        from captum.attr import LayerIntegratedGradients
+    except ImportError:  # pragma: no cover - depends on the serving environment
+        raise InvalidInput(
+            "explanations need captum in the TorchServe environment: "
+            "pip install 'ts-handlers[explain]'"
+        ) from None
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([token_ids], device=device)
+    attention_mask = torch.ones_like(input_ids)
+    baseline = torch.full_like(input_ids, pad_id)
+    baseline[:, 0], baseline[:, -1] = input_ids[:, 0], input_ids[:, -1]
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask).float()[0]
+    target = int(logits.argmax())
+    attributions, delta = LayerIntegratedGradients(model, layer).attribute(
+        input_ids,
+        baselines=baseline,
+        additional_forward_args=(attention_mask,),
+        target=target,
+        n_steps=steps,
+        return_convergence_delta=True,
+    )
+    scores = attributions.sum(dim=-1)[0]
+    scores = scores / scores.norm().clamp_min(1e-12)
+    return target, logits, scores.detach().cpu().tolist(), float(delta.detach().abs().max())
+
+
+def embedding_layer(model: nn.Module, name: str = "") -> tuple[str, nn.Module]:
+    """The layer to attribute over: (its module path, the module).
+
+    Empty ``name``: the ``embeddings`` block holding the model's input embeddings (word +
+    position + type embeddings, as TorchServe's example attributes over), else the input
+    embedding itself. A name is a module path; a base model's name ("bert", TorchServe's
+    convention) means its ``embeddings``. Anything that does not hold the input embeddings is
+    refused, with the name that would work.
+    """
+    inputs = model.get_input_embeddings()
+    paths = {module: path for path, module in model.named_modules()}
+    parent = paths[inputs].rpartition(".")[0]
+    default = parent if parent.endswith("embeddings") else paths[inputs]
+    if not name:
+        return default, model.get_submodule(default)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if isinstance(getattr(module, "embeddings", None), nn.Module):
+        name, module = f"{name}.embeddings", module.embeddings
+    if module is None or not any(part is inputs for part in module.modules()) or module is model:
+        raise ConfigError(
+            f"embedding_name {name!r} does not name an embedding layer of "
+            f"{type(model).__name__}; use {default!r} (or leave embedding_name out)"
+        )
+    return name, module
 
 
 def load_classifier(folder: str | Path) -> nn.Module:
@@ -154,36 +262,145 @@ def load_classifier(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
-def labels_from_checkpoint(folder: Path) -> list[str]:
-    """Class names from the checkpoint's config.json ``id2label``, ordered by class index."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    id2label = config.get("id2label") or {}
-    return [str(id2label[key]) for key in sorted(id2label, key=int)]
+def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
+    """Class count, labels (``id2label``) and problem type, from a checkpoint's config."""
+    config = model.config
+    labels = [str(config.id2label[index]) for index in range(config.num_labels)]
+    return {
+        "num_labels": config.num_labels,
+        "num_classes": config.num_labels,
+        "labels": labels,
+        "problem_type": config.problem_type,
+    }
 
 
 def prepare_export(config: TextClassificationConfig) -> ExportPlan:
+    """Plans the export of a Hugging Face checkpoint folder, or of the user's own model files.
+
+    With ``serialized_file`` (a TorchScript file, or a state_dict with ``model_file``),
+    ``model_name`` is the folder holding the tokenizer (and optionally a ``config.json`` with
+    ``id2label`` and ``problem_type``); the model maps ``(input_ids, attention_mask)`` to logits.
+    """
     folder = Path(config.model_name)
+    if config.captum_explanation and config.save_mode != "pretrained":
+        raise ConfigError(
+            "captum_explanation needs save_mode 'pretrained': explanations run the eager model"
+        )
+    from ts_handlers import user_files
+
+    if user_files.user_model_kind(config):
+        plan = _plan_user_model(config, folder)
+    else:
+        plan = _plan_checkpoint(config, folder)
+    num_classes = plan.metadata["num_classes"]
+    if config.num_labels is not None and config.num_labels != num_classes:
+        raise ConfigError(
+            f"num_labels is {config.num_labels} but the checkpoint has {num_classes} labels"
+        )
+    plan.num_classes = num_classes
+    plan.resolved["function_to_apply"] = config.function_to_apply or function_for(
+        plan.metadata.get("problem_type"), num_classes
+    )
+    return plan
+
+
+def _plan_checkpoint(config: TextClassificationConfig, folder: Path) -> ExportPlan:
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model_name {config.model_name!r} is not a checkpoint folder")
     model = load_classifier(folder)
-    num_labels = model.config.num_labels
-    if config.num_labels is not None and config.num_labels != num_labels:
-        raise ConfigError(
-            f"num_labels is {config.num_labels} but the checkpoint has {num_labels} labels"
-        )
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and config.max_length > positions:
         raise ConfigError(
             f"max_length is {config.max_length} but the checkpoint reads at most {positions} "
             "tokens (max_position_embeddings); lower max_length"
         )
-    metadata = {"num_labels": num_labels, "labels": labels_from_checkpoint(folder)}
+    metadata = checkpoint_metadata(model)
+    tokenizer = load_tokenizer(folder)
+    if config.save_mode != "pretrained":
+        return text_export_plan(
+            config, LogitsOnly(model).eval(), tokenizer, tokenizer_files(folder), metadata
+        )
+    check_tokenizer_fits(tokenizer, embedding_rows(model), str(folder))
+    files = [path for path in folder.iterdir() if path.is_file() and path.suffix != ".tsv"]
+    plan = ExportPlan(model=None, extra_files=files, metadata=metadata)
+    if config.captum_explanation:
+        plan.resolved["embedding_name"] = _check_explanation(config, model, tokenizer)
+    return plan
+
+
+def _check_explanation(config: TextClassificationConfig, model: nn.Module, tokenizer: Any) -> str:
+    """Runs one explanation, as a request would: a broken setup fails the build, not a client."""
+    name, layer = embedding_layer(model, config.embedding_name)
+    token_ids = tokenizer("ts-handlers checks explanations at build time")["input_ids"]
+    try:
+        explain(LogitsOnly(model), layer, token_ids, tokenizer.pad_token_id or 0, steps=4)
+    except InvalidInput as error:  # captum is missing
+        raise ConfigError(error.message) from None
+    except Exception as error:
+        raise ConfigError(f"an explanation over {name!r} fails: {error}") from None
+    print(f"explanation check over {name!r}: ok")
+    return name
+
+
+def _plan_user_model(config: TextClassificationConfig, folder: Path) -> ExportPlan:
     if config.save_mode == "pretrained":
-        files = [path for path in folder.iterdir() if path.is_file() and path.suffix != ".tsv"]
-        return ExportPlan(model=None, extra_files=files, metadata=metadata)
-    return text_export_plan(
-        config, LogitsOnly(model).eval(), load_tokenizer(folder), tokenizer_files(folder), metadata
-    )
+        raise ConfigError(
+            "save_mode 'pretrained' serves a save_pretrained folder; serialized_file is "
+            "served with save_mode 'torchscript'"
+        )
+    if not config.model_name or not folder.is_dir():
+        raise ConfigError(
+            "with serialized_file, model_name must name the folder holding the tokenizer "
+            f"(tokenizer.json or vocab files) the model was trained with; got {config.model_name!r}"
+        )
+    from ts_handlers import user_files
+
+    tokenizer = load_tokenizer(folder)
+    exported = None
+    if config.model_file:
+        model = user_files.load_model_file(
+            config.model_file, config.model_class, config.serialized_file
+        )
+    else:
+        model = exported = user_files.load_torchscript(config.serialized_file)
+    checkpoint = _read_json(folder / "config.json")
+    num_classes = _output_width(model, tokenizer)
+    id2label = checkpoint.get("id2label") or {}
+    labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_classes)]
+    metadata = {
+        "num_labels": num_classes,
+        "num_classes": num_classes,
+        "labels": labels,
+        "problem_type": checkpoint.get("problem_type"),
+    }
+    files = [path for path in tokenizer_files(folder) if path.name != "config.json"]
+    if checkpoint:
+        files.append(folder / "config.json")
+    return text_export_plan(config, model, tokenizer, files, metadata, exported=exported)
+
+
+def _output_width(model: Any, tokenizer: Any) -> int:
+    """Runs one text; refuses a model that does not answer (1, num_labels) logits."""
+    input_ids = torch.tensor([tokenizer("ts-handlers")["input_ids"]])
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids, torch.ones_like(input_ids))
+    except Exception as error:
+        raise ConfigError(
+            f"the model fails on (input_ids, attention_mask) of shape {tuple(input_ids.shape)}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != 1:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            "the model must map (input_ids, attention_mask) to (batch, num_labels) logits; "
+            f"got {got}"
+        )
+    return int(logits.shape[-1])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 handle = entry_point(TransformerClassificationHandler)
