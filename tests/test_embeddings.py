@@ -3,13 +3,18 @@
 Each folder is a randomly initialised two-layer BERT wrapped by sentence-transformers' own
 modules (Transformer, Pooling, optionally Normalize) and saved by the library, so the export
 reads exactly what a real checkpoint ships. The folder goes through the real build (export,
-verification, archive) and the handler is driven through a real ``ts.context.Context``.
+verification, archive) and the handler is driven through a real ``ts.context.Context``. Every
+pooling mode sentence-transformers has is covered, and two combinations of modes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +32,10 @@ from ts_handlers.embeddings import (
     POOLING_MODES,
     SentenceEmbeddingConfig,
     SentenceEmbeddingHandler,
+    check_pooling_mode,
     read_sentence_transformer,
 )
+from ts_handlers.export import ExportError
 from ts_handlers.text import MAX_TEXTS_PER_REQUEST
 
 try:  # sentence-transformers >= 5.4 moved the modules; older releases only have the old path
@@ -39,8 +46,19 @@ except ImportError:  # pragma: no cover - depends on the installed sentence-tran
 MAX_LENGTH = 24  # the folders' max_seq_length; well below the 64 position embeddings
 MIN_COSINE = 0.9999
 JSON = body_headers("application/json")
-# Pooling mode -> whether the folder ends in a Normalize module.
-VARIANTS = {"mean": True, "cls": False, "max": True}
+HIDDEN = 32  # the tiny BERT's hidden size: one pooling mode's dimension
+# Pooling mode -> whether the folder ends in a Normalize module. Every mode sentence-transformers
+# has, and two combinations (written as the archive records them; the folder holds a list).
+VARIANTS = {
+    "mean": True,
+    "cls": False,
+    "max": True,
+    "mean_sqrt_len_tokens": False,
+    "weightedmean": True,
+    "lasttoken": False,
+    "mean,max": True,
+    "cls,mean_sqrt_len_tokens": False,
+}
 SENTENCES = [
     "the movie was great",
     "I HATED every minute of this awful, boring film!!!",
@@ -62,6 +80,11 @@ class Served:
     reference: SentenceTransformer  # the folder as sentence-transformers loads it
     unnormalized: SentenceTransformer  # the same modules without Normalize
 
+    @property
+    def dimension(self) -> int:
+        """A combination of modes concatenates one vector per mode, as the library does."""
+        return HIDDEN * len(self.pooling_mode.split(","))
+
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -70,7 +93,7 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = make_tiny_tokenizer()
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
+        hidden_size=HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=48,
@@ -88,7 +111,9 @@ def save_sentence_transformer(
     checkpoint: Path, folder: Path, pooling_mode: str, normalize: bool
 ) -> SentenceTransformer:
     transformer = Transformer(str(checkpoint), max_seq_length=MAX_LENGTH)
-    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode)]
+    modes = tuple(pooling_mode.split(","))  # "mean,max": the library's tuple of modes
+    pooling = Pooling(transformer.get_embedding_dimension(), modes[0] if len(modes) == 1 else modes)
+    modules = [transformer, pooling]
     if normalize:
         modules.append(Normalize())
     model = SentenceTransformer(modules=modules, device="cpu")
@@ -116,7 +141,8 @@ def build_served(checkpoint: Path, root: Path, pooling_mode: str) -> Served:
     saved = save_sentence_transformer(checkpoint, folder, pooling_mode, has_normalize)
     # Groups of 3 make one request's sentences span several sorted, separately padded groups.
     config_dir = write_config(root / "config", folder, inference_batch_size=3)
-    mar_path = build_archive(config_dir, root / "store", name=f"tiny_{pooling_mode}", force=True)
+    name = "tiny_" + pooling_mode.replace(",", "_")  # archive names allow no comma
+    mar_path = build_archive(config_dir, root / "store", name=name, force=True)
     assert mar_path is not None
     return Served(
         pooling_mode=pooling_mode,
@@ -164,7 +190,7 @@ def embed(served: Served, payload: Any, headers: dict[str, Any] = JSON) -> Any:
 
 def test_export_records_the_resolved_fields(served: Served, tmp_path: Path):
     expected = {
-        "embedding_dimension": 32,
+        "embedding_dimension": served.dimension,
         "pooling_mode": served.pooling_mode,
         "normalize_result": served.has_normalize,
         "max_length": MAX_LENGTH,
@@ -364,7 +390,9 @@ def test_padding_every_input_to_max_length_keeps_parity(served: Served, tmp_path
     assert cosines(normalized, expected).min() >= MIN_COSINE
 
 
-@pytest.mark.parametrize("mode", ["weightedmean", "lasttoken", ["mean", "max"]])
+# weightedmean, lasttoken and ["mean", "max"] were refused here before the export used the
+# library's own Pooling; every mode it has now builds (see VARIANTS), so only what it refuses is.
+@pytest.mark.parametrize("mode", ["sum", ["mean", "sum"], [], 7])
 def test_unsupported_pooling_in_the_folder_fails_the_build(
     mean_served: Served, tmp_path: Path, mode: Any
 ):
@@ -399,6 +427,9 @@ def test_a_plain_checkpoint_is_not_a_sentence_transformers_folder(tiny_encoder, 
     ("setup", "message"),
     [
         ({"pooling_mode": "sum"}, "pooling_mode='sum' is not supported; choose one of 'mean'"),
+        ({"pooling_mode": "mean,sum"}, "'mean_sqrt_len_tokens', 'weightedmean', 'lasttoken'"),
+        ({"pooling_mode": "mean,,max"}, "or several joined by commas"),
+        ({"pooling_mode": ["mean", "max"]}, 'pooling_mode must be a string, got ["mean", "max"]'),
         ({"save_mode": "pretrained"}, "choose one of 'torchscript'"),
         ({"embedding_dimension": 0}, "embedding_dimension must be positive"),
         ({"max_length": 1}, "max_length must be at least 2"),
@@ -418,5 +449,224 @@ def test_handler_refuses_an_archive_without_resolved_fields(mean_served: Served,
     setup = json.loads((model_dir / "setup_config.json").read_text())
     del setup["pooling_mode"], setup["embedding_dimension"]
     (model_dir / "setup_config.json").write_text(json.dumps(setup))
-    with pytest.raises(ConfigError, match="no embedding_dimension, pooling_mode"):
+    with pytest.raises(ConfigError, match="no embedding_dimension"):
         SentenceEmbeddingHandler().initialize(make_context(model_dir, manifest))
+
+
+# ---- pooling: sentence-transformers' own Pooling, traced with the transformer -------------------
+
+
+def test_pooling_modes_are_the_librarys():
+    """POOLING_MODES is spelled out (serving needs no sentence-transformers); it must not drift."""
+    assert sorted(POOLING_MODES) == sorted(Pooling.POOLING_MODES)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("MEAN", "mean"),  # opensearch-py-ml's spelling
+        ("Mean_Sqrt_Len_Tokens", "mean_sqrt_len_tokens"),
+        ("mean,max", "mean,max"),
+        (" MAX , cls ", "max,cls"),  # the order is kept: it is the concatenation order
+        (["lasttoken"], "lasttoken"),  # a pooling config's list of one
+        (("cls", "weightedmean"), "cls,weightedmean"),
+    ],
+)
+def test_pooling_mode_accepts_any_case_and_combinations(mode: Any, expected: str):
+    assert check_pooling_mode(mode) == expected
+
+
+def test_every_pooling_mode_matches_encode_in_one_batch(served: Served):
+    """One TorchServe batch of requests with texts of varied lengths, padded on the right in
+    sorted groups of 3, against encode() on the same texts (padded as one batch of its own)."""
+    texts = [SENTENCES[i] for i in (2, 5, 0, 4, 1, 6, 3)]
+    requests = [({"body": {"inputs": [text], "normalize": False}}, JSON) for text in texts[:4]]
+    requests.append(({"body": {"inputs": texts[4:], "normalize": False}}, JSON))
+    results = run_batch(served.handler, requests)
+    assert [status for status, _, _ in results] == [200] * len(requests)
+    vectors = [vector for _, body, _ in results for vector in body]
+    expected = served.unnormalized.encode(texts, normalize_embeddings=False)
+    assert len(vectors[0]) == served.reference.get_embedding_dimension() == served.dimension
+    assert cosines(vectors, expected).min() >= MIN_COSINE
+    np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lasttoken_reads_the_last_real_token_under_right_padding(
+    served_models: dict[str, Served], tiny_encoder: Path
+):
+    handler = served_models["lasttoken"].handler
+    items = [handler.tokenize(text, index) for index, text in enumerate(SENTENCES[:4])]
+    input_ids, attention_mask = handler.collate(items)
+    assert attention_mask[:, 0].all() and not attention_mask[:, -1].all()  # ragged, right-padded
+    rows, last = torch.arange(len(items)), attention_mask.sum(dim=1) - 1
+    assert (input_ids[rows, last] == handler.tokenizer.sep_token_id).all()
+    with torch.inference_mode():
+        pooled = handler.model(input_ids, attention_mask)
+        hidden = BertModel.from_pretrained(tiny_encoder).eval()(input_ids, attention_mask)[0]
+    torch.testing.assert_close(pooled, hidden[rows, last], rtol=1e-4, atol=1e-5)
+
+
+def test_legacy_flags_for_several_modes_concatenate_in_the_librarys_order(
+    mean_served: Served, tmp_path: Path
+):
+    folder = tmp_path / "model"
+    shutil.copytree(mean_served.folder, folder)
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": HIDDEN,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": True,
+                "pooling_mode_weightedmean_tokens": True,
+            }
+        )
+    )
+    assert read_sentence_transformer(folder).pooling_mode == "max,mean,weightedmean"
+    config_dir = write_config(tmp_path / "config", folder, inference_batch_size=3)
+    mar_path = build_archive(config_dir, tmp_path / "store", force=True)
+    assert mar_path is not None
+    handler = load_handler(mar_path, tmp_path / "unpacked")
+    assert handler.config.pooling_mode == "max,mean,weightedmean"
+    assert handler.config.embedding_dimension == 3 * HIDDEN
+    library = SentenceTransformer(str(folder), device="cpu")
+    assert library[1].pooling_mode == ("max", "mean", "weightedmean")
+    [(status, body, _)] = run_batch(handler, [({"body": {"inputs": SENTENCES}}, JSON)])
+    assert status == 200
+    expected = library.encode(SENTENCES)  # the folder ends in Normalize; so does the default
+    assert cosines(body, expected).min() >= MIN_COSINE
+    np.testing.assert_allclose(body, expected, atol=1e-5)
+
+
+def test_setup_config_pooling_mode_may_combine_modes(mean_served: Served, tmp_path: Path):
+    config_dir = write_config(
+        tmp_path / "config", mean_served.folder, pooling_mode="MAX,Mean", inference_batch_size=3
+    )
+    mar_path = build_archive(config_dir, tmp_path / "store", force=True)
+    assert mar_path is not None
+    handler = load_handler(mar_path, tmp_path / "unpacked")
+    assert handler.config.pooling_mode == "max,mean"
+    assert handler.config.embedding_dimension == handler.export_metadata["embedding_dimension"]
+    assert handler.config.embedding_dimension == 2 * HIDDEN
+    library = SentenceTransformer(
+        modules=[mean_served.reference[0], Pooling(HIDDEN, ("max", "mean"))], device="cpu"
+    )
+    payload = {"inputs": SENTENCES, "normalize": False}
+    [(status, body, _)] = run_batch(handler, [({"body": payload}, JSON)])
+    assert status == 200
+    expected = library.encode(SENTENCES, normalize_embeddings=False)
+    assert cosines(body, expected).min() >= MIN_COSINE
+    np.testing.assert_allclose(body, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_setup_config_embedding_dimension_is_checked_against_the_pooling(
+    served_models: dict[str, Served], tmp_path: Path
+):
+    served = served_models["mean,max"]
+    config_dir = write_config(tmp_path / "config", served.folder, embedding_dimension=HIDDEN)
+    with pytest.raises(ConfigError, match="embedding_dimension is 32 but the model outputs 64"):
+        build_archive(config_dir, tmp_path / "store", force=True)
+
+
+def test_export_without_sentence_transformers_says_how_to_install(
+    mean_served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for name in [name for name in sys.modules if name.startswith("sentence_transformers")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    config_dir = write_config(tmp_path / "config", mean_served.folder)
+    with pytest.raises(ExportError, match=r"pip install 'ts-handlers\[demo\]'"):
+        build_archive(config_dir, tmp_path / "store", force=True)
+    assert not (tmp_path / "store").exists()
+
+
+def test_export_refuses_a_sentence_transformers_without_pooling_mode_tuples(
+    mean_served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import sentence_transformers
+
+    monkeypatch.setattr(sentence_transformers, "__version__", "5.4.1")
+    config_dir = write_config(tmp_path / "config", mean_served.folder)
+    with pytest.raises(ExportError, match="needs sentence-transformers >= 6.*found 5.4.1"):
+        build_archive(config_dir, tmp_path / "store", force=True)
+
+
+# Loads an archive and answers one request in a fresh interpreter where sentence-transformers
+# cannot be imported, as in a TorchServe worker that only has ts-handlers installed.
+SERVE_WITHOUT_SENTENCE_TRANSFORMERS = """
+import json, sys
+sys.modules["sentence_transformers"] = None  # any import of it now fails
+from pathlib import Path
+from harness import body_headers, make_context, run_batch, unpack_archive
+from ts_handlers.embeddings import SentenceEmbeddingHandler
+
+mar_path, model_dir, texts = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+handler = SentenceEmbeddingHandler()
+handler.initialize(make_context(model_dir, unpack_archive(mar_path, model_dir)))
+payload = {"inputs": texts, "normalize": False}
+[(status, body, _)] = run_batch(handler, [({"body": payload}, body_headers("application/json"))])
+print(json.dumps({"status": status, "body": body}))
+"""
+
+
+def test_serving_does_not_need_sentence_transformers(
+    served_models: dict[str, Served], tmp_path: Path
+):
+    """The traced graph carries the pooling: a worker without the library serves the archive."""
+    served = served_models["cls,mean_sqrt_len_tokens"]
+    tests_dir = Path(__file__).resolve().parent
+    path = [str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")]
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SERVE_WITHOUT_SENTENCE_TRANSFORMERS),
+            str(served.mar_path),
+            str(tmp_path / "unpacked"),
+            json.dumps(SENTENCES),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))},
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    answer = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert answer["status"] == 200, answer
+    expected = served.unnormalized.encode(SENTENCES, normalize_embeddings=False)
+    assert cosines(answer["body"], expected).min() >= MIN_COSINE
+
+
+# ---- the user's own TorchScript file: pooling inside, no eager model ----------------------------
+
+
+class EncodeGraph(torch.nn.Module):
+    """What a user traces: the whole SentenceTransformer, (ids, mask) -> sentence embedding."""
+
+    def __init__(self, model: SentenceTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        features = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self.model(features)["sentence_embedding"]
+
+
+def test_a_users_torchscript_encoder_is_served_at_encode_parity(
+    mean_served: Served, tmp_path: Path
+):
+    example = torch.ones((2, 16), dtype=torch.long)
+    graph = EncodeGraph(mean_served.reference).eval()
+    torch.jit.trace(graph, (example, example), strict=False).save(str(tmp_path / "encoder.pt"))
+    config_dir = write_config(
+        tmp_path / "config", mean_served.folder, serialized_file=str(tmp_path / "encoder.pt")
+    )
+    mar_path = build_archive(config_dir, tmp_path / "store", force=True)
+    assert mar_path is not None
+    handler = load_handler(mar_path, tmp_path / "unpacked")
+    report = json.loads((tmp_path / "unpacked" / "export_report.json").read_text())
+    assert report["verification"]["eager_reference"] is False
+    assert handler.config.max_length == MAX_LENGTH  # read from the sentence-transformers folder
+    [(status, body, _)] = run_batch(handler, [({"body": {"inputs": SENTENCES}}, JSON)])
+    assert status == 200
+    expected = mean_served.reference.encode(SENTENCES, convert_to_numpy=True)
+    assert cosines(body, expected).min() >= 0.9999

@@ -10,8 +10,11 @@ module; ``truncate`` defaults to true (what ``SentenceTransformer.encode`` does)
 The export reads the folder's ``modules.json`` (Transformer, Pooling, optional Normalize), its
 pooling config and its maximum sequence length, and records them in the archive under the names
 opensearch-py-ml's model config uses (``embedding_dimension``, ``pooling_mode``,
-``normalize_result``; the length is ``max_length``). The traced graph is transformer + pooling;
-normalising is left to the handler so one archive serves both ``normalize`` settings.
+``normalize_result``; the length is ``max_length``). The traced graph is the transformer +
+sentence-transformers' own ``Pooling`` module, loaded from the folder by the library, so every
+pooling mode it has (and a combination, concatenated as it does) is served as ``encode`` pools;
+sentence-transformers is needed only to export, never to serve. Normalising is left to the
+handler so one archive serves both ``normalize`` settings.
 """
 
 from __future__ import annotations
@@ -28,21 +31,24 @@ from torch import nn
 
 from ts_handlers.base import Decoded, entry_point
 from ts_handlers.config import ConfigError, HandlerConfig
-from ts_handlers.export import ExportPlan
+from ts_handlers.export import ExportError, ExportPlan
 from ts_handlers.payload import bool_option
 from ts_handlers.text import (
     TextConfig,
     TextHandler,
     load_tokenizer,
+    output_width,
     text_export_plan,
     tokenizer_files,
     use_offline_hub,
 )
 
-# The pooling strategies the export and the traced graph implement; the names are
-# sentence-transformers' own (opensearch-py-ml writes the same ones in upper case).
-POOLING_MODES = ("mean", "cls", "max")
-# sentence-transformers' legacy 1_Pooling/config.json flags -> the mode each one switches on.
+# sentence-transformers' pooling modes (its Pooling.POOLING_MODES; opensearch-py-ml writes the
+# same names in upper case). Spelled out so that serving needs no sentence-transformers; a test
+# checks them against the library. Several modes, joined by commas, are concatenated in order.
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# sentence-transformers' legacy 1_Pooling/config.json flags -> the mode each one switches on, in
+# the order the library concatenates them when several are on.
 LEGACY_POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
@@ -54,7 +60,9 @@ LEGACY_POOLING_FLAGS = {
 MODULES_FILE = "modules.json"
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 # Keys the export fills in from the folder when setup_config.json leaves them out.
-RESOLVED_KEYS = ("embedding_dimension", "pooling_mode", "normalize_result", "max_length")
+# (pooling_mode is only reported: the pooling is inside the graph, and a user's own TorchScript
+# file pools as it pleases.)
+RESOLVED_KEYS = ("embedding_dimension", "normalize_result", "max_length")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class SentenceEmbeddingConfig(TextConfig):
     # None: read from the sentence-transformers folder at export (max_seq_length).
     max_length: int | None = None  # type: ignore[assignment]
     embedding_dimension: int | None = None
+    # One of POOLING_MODES, or several joined by commas ("mean,max": the vectors concatenated,
+    # so twice the dimension). None: the folder's own.
     pooling_mode: str | None = None
     # The default of the per-request "normalize" option: True when the folder ends in Normalize.
     normalize_result: bool | None = None
@@ -93,37 +103,41 @@ class SentenceEmbeddingConfig(TextConfig):
 
 
 def check_pooling_mode(mode: Any) -> str:
-    if isinstance(mode, str) and mode.lower() in POOLING_MODES:
-        return mode.lower()
+    """One mode ("mean"), or several ("mean,max", ["mean", "max"]) -> "mean" or "mean,max".
+
+    Any case is accepted ("MEAN" is opensearch-py-ml's spelling). Several modes are kept in
+    their order: sentence-transformers concatenates the pooled vectors in that order.
+    """
+    parts = mode.split(",") if isinstance(mode, str) else mode
+    if isinstance(parts, list | tuple) and parts and all(isinstance(p, str) for p in parts):
+        names = [part.strip().lower() for part in parts]
+        if all(name in POOLING_MODES for name in names):
+            return ",".join(names)
     choices = ", ".join(map(repr, POOLING_MODES))
-    raise ConfigError(f"pooling_mode={mode!r} is not supported; choose one of {choices}")
+    raise ConfigError(
+        f"pooling_mode={mode!r} is not supported; choose one of {choices}, or several joined "
+        'by commas ("mean,max"), concatenated in that order as sentence-transformers does'
+    )
 
 
 class PooledEncoder(nn.Module):
     """Transformer + pooling as one traceable graph: (input_ids, attention_mask) -> (batch, dim).
 
-    The pooling mirrors sentence-transformers' ``Pooling`` so the padded positions of a group
-    never leak into an embedding. The result is not normalised (see the module docstring).
+    ``pooling`` is sentence-transformers' own ``Pooling`` module (see :func:`load_pooling`), so
+    the padded positions of a group never leak into an embedding, exactly as in ``encode``. Its
+    code traces without baking in the batch size or the sequence length, for every mode. The
+    result is not normalised (see the module docstring).
     """
 
-    def __init__(self, model: nn.Module, pooling_mode: str) -> None:
+    def __init__(self, model: nn.Module, pooling: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.pooling_mode = check_pooling_mode(pooling_mode)
+        self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)
-        return pool(outputs[0], attention_mask, self.pooling_mode)
-
-
-def pool(tokens: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "cls":
-        return tokens[:, 0]  # right padding: the first position is always [CLS]
-    mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
-    if mode == "max":
-        return tokens.masked_fill(mask == 0, float("-inf")).max(dim=1).values
-    summed = (tokens * mask).sum(dim=1)
-    return summed / mask.sum(dim=1).clamp(min=1e-9)
+        features = {"token_embeddings": outputs[0], "attention_mask": attention_mask}
+        return self.pooling(features)["sentence_embedding"]
 
 
 class SentenceEmbeddingHandler(TextHandler):
@@ -164,6 +178,9 @@ class SentenceTransformerFolder:
     """What a sentence-transformers folder says about serving it."""
 
     transformer_dir: Path
+    pooling_dir: Path
+    # What the pooling config states: the dimension of the token embeddings it pools (its
+    # input). A combination of modes outputs a multiple of it (see load_pooling).
     embedding_dimension: int | None
     pooling_mode: str
     normalize_result: bool
@@ -193,7 +210,8 @@ def read_sentence_transformer(folder: Path) -> SentenceTransformerFolder:
             f"got {', '.join(kinds)}"
         )
     transformer_dir = folder / modules[0].get("path", "")
-    pooling_path = folder / modules[1].get("path", "") / "config.json"
+    pooling_dir = folder / modules[1].get("path", "")
+    pooling_path = pooling_dir / "config.json"
     pooling = _read_json(pooling_path)
     model_config = _read_json(transformer_dir / "config.json")
     st_config = _read_json(transformer_dir / "sentence_bert_config.json")
@@ -214,6 +232,7 @@ def read_sentence_transformer(folder: Path) -> SentenceTransformerFolder:
         raise ConfigError(f"{pooling_path}: {error}") from None
     return SentenceTransformerFolder(
         transformer_dir=transformer_dir,
+        pooling_dir=pooling_dir,
         embedding_dimension=pooling.get("embedding_dimension")
         or pooling.get("word_embedding_dimension"),
         pooling_mode=pooling_mode,
@@ -225,12 +244,11 @@ def read_sentence_transformer(folder: Path) -> SentenceTransformerFolder:
 
 
 def _pooling_mode(pooling: dict[str, Any]) -> str:
+    """The mode(s) a pooling config switches on, as the library reads them ("max,mean")."""
     mode = pooling.get("pooling_mode")
     if mode is None:  # the legacy boolean flags; none set means mean, the library's default
         active = [name for key, name in LEGACY_POOLING_FLAGS.items() if pooling.get(key)]
-        mode = active if len(active) > 1 else (active or ["mean"])[0]
-    if isinstance(mode, list) and len(mode) == 1:
-        mode = mode[0]
+        mode = active or ["mean"]
     return check_pooling_mode(mode)
 
 
@@ -245,7 +263,59 @@ def load_encoder(folder: Path) -> nn.Module:
     return AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
 
 
+def load_pooling(pooling_dir: Path, pooling_mode: str | None = None) -> nn.Module:
+    """sentence-transformers' own ``Pooling``, loaded from the folder by the library.
+
+    The library reads the config (legacy boolean flags and renamed keys included); a
+    ``pooling_mode`` (setup_config.json's) replaces the folder's mode and keeps its other keys.
+    """
+    pooling_class = _pooling_class()
+    try:
+        pooling = pooling_class.load(str(pooling_dir))
+        if pooling_mode is not None and check_pooling_mode(pooling.pooling_mode) != pooling_mode:
+            modes = tuple(pooling_mode.split(","))
+            config = pooling.get_config_dict()
+            config["pooling_mode"] = modes[0] if len(modes) == 1 else modes
+            pooling = pooling_class(**config)
+    except (TypeError, ValueError) as error:  # the library's own refusal of the config
+        raise ConfigError(
+            f"{pooling_dir / 'config.json'}: sentence-transformers cannot load it: {error}"
+        ) from None
+    return pooling.eval()
+
+
+def pooled_dimension(pooling: nn.Module) -> int:
+    """The pooling's output size: the token dimension times the number of modes."""
+    return int(pooling.get_embedding_dimension())
+
+
+def _pooling_class() -> Any:
+    """Imported here, not at module level: only the export needs sentence-transformers.
+
+    Version 6 is the first whose Pooling keeps its modes as ``pooling_mode`` (a name or a tuple,
+    concatenated in that order); earlier ones only had the boolean flags.
+    """
+    needs = (
+        "exporting a sentence_embedding model needs sentence-transformers >= 6 (only to export; "
+        "the archive serves without it): pip install 'ts-handlers[demo]' or "
+        "pip install 'sentence-transformers>=6'"
+    )
+    try:
+        import sentence_transformers
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:
+        raise ExportError(needs) from None
+    version = sentence_transformers.__version__
+    if int(version.split(".")[0]) < 6:
+        raise ExportError(f"{needs}; found {version}")
+    return Pooling
+
+
 def prepare_export(config: SentenceEmbeddingConfig) -> ExportPlan:
+    from ts_handlers import user_files
+
+    if user_files.user_model_kind(config):
+        return _plan_user_encoder(config)
     folder = read_sentence_transformer(Path(config.model_name))
     model = load_encoder(folder.transformer_dir)
     hidden_size = int(model.config.hidden_size)
@@ -254,10 +324,13 @@ def prepare_export(config: SentenceEmbeddingConfig) -> ExportPlan:
             f"the pooling config says {folder.embedding_dimension} dimensions but the "
             f"transformer outputs {hidden_size}"
         )
-    if config.embedding_dimension not in (None, hidden_size):
+    pooling = load_pooling(folder.pooling_dir, config.pooling_mode)
+    pooling_mode = check_pooling_mode(pooling.pooling_mode)
+    embedding_dimension = pooled_dimension(pooling)
+    if config.embedding_dimension not in (None, embedding_dimension):
         raise ConfigError(
             f"embedding_dimension is {config.embedding_dimension} but the model outputs "
-            f"{hidden_size}"
+            f"{embedding_dimension} ({pooling_mode} pooling of {hidden_size} dimensions)"
         )
     max_length = config.max_length or folder.max_length
     if folder.max_position_embeddings and max_length > folder.max_position_embeddings:
@@ -266,8 +339,8 @@ def prepare_export(config: SentenceEmbeddingConfig) -> ExportPlan:
             "position embeddings"
         )
     resolved: dict[str, Any] = {
-        "embedding_dimension": hidden_size,
-        "pooling_mode": config.pooling_mode or folder.pooling_mode,
+        "embedding_dimension": embedding_dimension,
+        "pooling_mode": pooling_mode,
         "normalize_result": (
             folder.normalize_result if config.normalize_result is None else config.normalize_result
         ),
@@ -275,13 +348,70 @@ def prepare_export(config: SentenceEmbeddingConfig) -> ExportPlan:
         "do_lower_case": config.do_lower_case or folder.do_lower_case,
     }
     resolved_config = dataclasses.replace(config, **resolved)
-    encoder = PooledEncoder(model, resolved["pooling_mode"]).eval()
+    encoder = PooledEncoder(model, pooling).eval()
     plan = text_export_plan(
         resolved_config,
         encoder,
         load_tokenizer(folder.transformer_dir),
         tokenizer_files(folder.transformer_dir),
         metadata=dict(resolved),
+    )
+    plan.resolved.update(resolved)
+    return plan
+
+
+def _plan_user_encoder(config: SentenceEmbeddingConfig) -> ExportPlan:
+    """The user's own graph ``(input_ids, attention_mask) -> (batch, dim)``, pooling included.
+
+    ``model_name`` is the tokenizer folder, or a sentence-transformers folder (its sequence
+    limit and Normalize module are then read from it).
+    """
+    from ts_handlers import user_files
+
+    folder = Path(config.model_name)
+    if not config.model_name or not folder.is_dir():
+        raise ConfigError(
+            "with serialized_file, model_name must name the folder holding the tokenizer "
+            f"(or the sentence-transformers folder) the model was trained with; got "
+            f"{config.model_name!r}"
+        )
+    st_folder = read_sentence_transformer(folder) if (folder / MODULES_FILE).is_file() else None
+    tokenizer_dir = st_folder.transformer_dir if st_folder else folder
+    tokenizer = load_tokenizer(tokenizer_dir)
+    max_length = config.max_length or (st_folder.max_length if st_folder else None)
+    if max_length is None:
+        raise ConfigError(
+            f"{folder} states no sequence limit; set max_length (the longest input, in tokens, "
+            "the model was traced or trained for)"
+        )
+    exported = None
+    if config.model_file:
+        model = user_files.load_model_file(
+            config.model_file, config.model_class, config.serialized_file
+        )
+    else:
+        model = exported = user_files.load_torchscript(config.serialized_file)
+    dimension = output_width(model, tokenizer, max_length)
+    if config.embedding_dimension not in (None, dimension):
+        raise ConfigError(
+            f"embedding_dimension is {config.embedding_dimension} but the model outputs {dimension}"
+        )
+    normalize = st_folder.normalize_result if st_folder else False
+    resolved: dict[str, Any] = {
+        "embedding_dimension": dimension,
+        "normalize_result": normalize
+        if config.normalize_result is None
+        else config.normalize_result,
+        "max_length": max_length,
+        "do_lower_case": config.do_lower_case or bool(st_folder and st_folder.do_lower_case),
+    }
+    plan = text_export_plan(
+        dataclasses.replace(config, **resolved),
+        model,
+        tokenizer,
+        tokenizer_files(tokenizer_dir),
+        metadata=dict(resolved),
+        exported=exported,
     )
     plan.resolved.update(resolved)
     return plan

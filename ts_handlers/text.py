@@ -24,6 +24,7 @@ from ts_handlers.config import ConfigError, HandlerConfig
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan, one_at_a_time
 from ts_handlers.payload import Request, bool_option, reject_unknown_fields
+from ts_handlers.server import DEFAULT_MAX_RESPONSE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,18 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "config.json",
 )
+# Defaults of the per-request limits (docs/limits.md); setup_config.json may change them.
 MAX_TEXTS_PER_REQUEST = 1024
+# TEI's max_batch_tokens default is 16384 per batch on a GPU; this is per request, and a full
+# TorchServe batch of such requests must finish inside responseTimeout on CPU (docs/limits.md).
+MAX_TOKENS_PER_REQUEST = 4096
+# A bound on the characters one token stands for in ordinary text (English averages about 4,
+# the longest WordPiece/BPE vocabulary entries about 20). With truncation on, a text is cut to
+# max_length x CHARS_PER_TOKEN characters before tokenizing, so tokenizing costs O(max_length)
+# whatever its length; the first max_length tokens of ordinary text are the same either way.
+CHARS_PER_TOKEN = 32
+# How limit messages name where a limit is set.
+CONFIG_KEY = "setup_config.json"
 # curl -d sends application/x-www-form-urlencoded, and TorchServe parses such a body into form
 # fields (plain text becomes a field name, or nothing at all), so the handler gets no body.
 FORM_URLENCODED = "application/x-www-form-urlencoded"
@@ -53,11 +65,35 @@ class TextConfig(HandlerConfig):
     do_lower_case: bool = False
     # Decided by the export: True when the traced graph holds only at max_length.
     pad_to_max_length: bool = False
+    # Per-request limits, checked before the model runs; over one: 413 (docs/limits.md).
+    max_texts_per_request: int = MAX_TEXTS_PER_REQUEST
+    # Tokens after truncation summed over the request's texts (each text counts max_length when
+    # the archive pads every text to it). Bounds the work a request brings to a batch.
+    max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST
+    # Bytes one answer may take, bounded from the request before the model runs. TorchServe's
+    # frontend drops the worker (every request in its batch gets 500) when one answer is longer
+    # than the server's max_response_size, so this must not exceed that.
+    max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for key in ("max_texts_per_request", "max_tokens_per_request", "max_response_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.max_length is None:  # resolved by the export (sentence embeddings)
+            return
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_tokens_per_request < self.max_length:
+            raise ConfigError(
+                f"max_tokens_per_request ({self.max_tokens_per_request}) is below max_length "
+                f"({self.max_length}): one full-length text would be refused"
+            )
+
+    @property
+    def max_text_chars(self) -> int:
+        """Characters of one text that are tokenized (see CHARS_PER_TOKEN)."""
+        return self.max_length * CHARS_PER_TOKEN
 
 
 @dataclass
@@ -97,12 +133,64 @@ class TextHandler(TaskHandler[Any]):
             texts, single = [request.text()], True
         options = {name: request.option(name, payload) for name in self.request_options}
         options = self.parse_options(options)
+        self.check_answer_size(len(texts), options)
+        self.check_text_chars(texts)
         truncate = options.get("truncate", True)
-        return Decoded(
-            inputs=[self.tokenize(text, index, truncate) for index, text in enumerate(texts)],
-            options=options,
-            single=single,
-        )
+        inputs = []
+        tokens = 0
+        for index, text in enumerate(texts):
+            item = self.tokenize(text, index, truncate)
+            tokens += self.config.max_length if self.config.pad_to_max_length else len(item.input_ids)
+            if tokens > self.config.max_tokens_per_request:
+                raise PayloadTooLarge(
+                    f"inputs[:{index + 1}] are already {tokens} tokens after truncation; the "
+                    f"limit is {self.config.max_tokens_per_request} tokens per request "
+                    f"({CONFIG_KEY} max_tokens_per_request). Send fewer or shorter texts"
+                )
+            inputs.append(item)
+        return Decoded(inputs=inputs, options=options, single=single)
+
+    # ---- limits (docs/limits.md) -----------------------------------------------------------
+
+    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+        """An upper bound on the JSON bytes of one text's answer; 0: no bound to check."""
+        return 0
+
+    def check_answer_size(self, count: int, options: dict[str, Any]) -> None:
+        """Refuses a request whose answer could exceed max_response_size, before any work.
+
+        TorchServe's frontend checks each answer of a batch on its own against its
+        max_response_size (docs/limits.md), so the bound is per request.
+        """
+        per_text = self.answer_bytes_per_text(options)
+        if not per_text:
+            return
+        limit = self.config.max_response_size
+        size = answer_bytes(count, per_text)
+        if size > limit:
+            fits = max((limit - 2) // (per_text + 2), 0)
+            raise PayloadTooLarge(
+                f"the answer to {count} texts could take {size} bytes, over the limit of "
+                f"{limit} ({CONFIG_KEY} max_response_size, TorchServe's max_response_size); "
+                f"send at most {fits} texts per request"
+            )
+
+    def check_text_chars(self, texts: list[str]) -> None:
+        """Bounds the characters a request makes the tokenizer read, before it reads any.
+
+        Each text counts up to ``max_text_chars`` (the cut ``tokenize`` makes). Text with at
+        most CHARS_PER_TOKEN characters per token that passes the token budget passes this.
+        """
+        cut = self.config.max_text_chars
+        chars = sum(min(len(text), cut) for text in texts)
+        budget = self.config.max_tokens_per_request * CHARS_PER_TOKEN
+        if chars > budget:
+            raise PayloadTooLarge(
+                f"the texts are {chars} characters (each counted up to {cut}); the limit of "
+                f"{self.config.max_tokens_per_request} tokens per request ({CONFIG_KEY} "
+                f"max_tokens_per_request) reads at most {budget} characters, "
+                f"{CHARS_PER_TOKEN} per token. Send fewer or shorter texts"
+            )
 
     def _texts_from_json(self, payload: Any) -> tuple[list[str], bool]:
         if isinstance(payload, dict):
@@ -115,9 +203,11 @@ class TextHandler(TaskHandler[Any]):
         if isinstance(payload, list):
             if not payload:
                 raise InvalidInput('"inputs" is an empty list; send at least one text')
-            if len(payload) > MAX_TEXTS_PER_REQUEST:
+            limit = self.config.max_texts_per_request
+            if len(payload) > limit:
                 raise PayloadTooLarge(
-                    f"{len(payload)} texts in one request; the limit is {MAX_TEXTS_PER_REQUEST}"
+                    f"{len(payload)} texts in one request; the limit is {limit} "
+                    f"({CONFIG_KEY} max_texts_per_request)"
                 )
             for index, item in enumerate(payload):
                 if not isinstance(item, str):
@@ -146,9 +236,21 @@ class TextHandler(TaskHandler[Any]):
                 f"inputs[{index}] has an unpaired surrogate at char {error.start}; "
                 "send valid Unicode text"
             ) from None
+        max_length = self.config.max_length
+        cut = self.config.max_text_chars
+        if len(text) > cut:
+            if not truncate:
+                raise PayloadTooLarge(
+                    f"inputs[{index}] is {len(text)} characters; with truncate: false a text "
+                    f"may have at most {cut} ({CHARS_PER_TOKEN} per token of max_length "
+                    f"{max_length}). Shorten it or send truncate: true"
+                )
+            # Only the first max_length tokens are kept, and ordinary text has them well
+            # inside the first max_length x CHARS_PER_TOKEN characters: tokenizing the rest
+            # would cost time and change nothing (tests/test_limits.py checks that).
+            text = text[:cut]
         if self.config.do_lower_case:
             text = text.lower()
-        max_length = self.config.max_length
         # One tokenizer pass: truncate while tokenizing, or count every token to refuse.
         input_ids = self.tokenizer(text, truncation=truncate, max_length=max_length)["input_ids"]
         if len(input_ids) > max_length:
@@ -186,6 +288,15 @@ class TextHandler(TaskHandler[Any]):
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
+
+
+# Characters of the longest number JSON writes for a float ("-2.2250738585072014e-308").
+MAX_FLOAT_CHARS = 24
+
+
+def answer_bytes(count: int, per_text: int) -> int:
+    """Bytes of a JSON list of ``count`` answers of at most ``per_text`` bytes each."""
+    return 2 + count * (per_text + 2)  # brackets, and ", " between items
 
 
 def load_tokenizer(folder: str | Path) -> Any:
@@ -327,6 +438,36 @@ def _check_largest_id_runs(model: Any, tokenizer: Any, length: int) -> None:
 
 def tokenizer_files(folder: Path) -> list[Path]:
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def output_width(model: Any, tokenizer: Any, max_length: int) -> int:
+    """Runs one text; refuses a model that does not answer one (1, width) row per text.
+
+    The text is tried unpadded, then padded to ``max_length`` (a graph traced at that length).
+    """
+    token_ids = tokenizer("ts-handlers")["input_ids"][:max_length]
+    padding = max_length - len(token_ids)
+    shapes = [
+        (token_ids, [1] * len(token_ids)),
+        (token_ids + [tokenizer.pad_token_id or 0] * padding, [1] * len(token_ids) + [0] * padding),
+    ]
+    for ids, mask in shapes:
+        input_ids = torch.tensor([ids])
+        try:
+            with torch.inference_mode():
+                output = model(input_ids, torch.tensor([mask]))
+        except Exception as error:
+            failure = f"the model fails on (input_ids, attention_mask) of shape 1x{len(ids)}: "
+            failure += _first_line(error)
+            continue
+        if not isinstance(output, torch.Tensor) or output.ndim != 2 or len(output) != 1:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ConfigError(
+                "the model must map (input_ids, attention_mask) to one row per text, "
+                f"(batch, width); got {got}"
+            )
+        return int(output.shape[-1])
+    raise ConfigError(failure)
 
 
 def _first_line(error: Exception) -> str:

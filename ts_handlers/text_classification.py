@@ -23,7 +23,7 @@ from torch import nn
 
 from ts_handlers.base import Decoded, entry_point, top_k_labels
 from ts_handlers.config import ConfigError
-from ts_handlers.errors import InvalidInput
+from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
 from ts_handlers.payload import int_option
@@ -34,6 +34,7 @@ from ts_handlers.text import (
     check_tokenizer_fits,
     embedding_rows,
     load_tokenizer,
+    output_width,
     text_export_plan,
     tokenizer_files,
     use_offline_hub,
@@ -57,7 +58,15 @@ class TextClassificationConfig(TextConfig):
     # holds the model's input embeddings, found by the export.
     embedding_name: str = ""
     top_k: int | None = None  # None: every label
+    # Integrated-gradients steps per explained text. An explanation runs the model forward and
+    # backward on steps x tokens positions, so its cost is counted in token-steps.
     explanation_steps: int = 50
+    # Texts in one explanation request; more: 413.
+    max_explanation_texts: int = 8
+    # Explanation work one handled batch may run: the sum of tokens x explanation_steps over
+    # its explanation texts (6400 = one max_length text at 50 steps, about 6 s on 2 CPU cores).
+    # A request over it alone: 413; requests past it in a batch: 429 with Retry-After.
+    max_explanation_token_steps: int = 6400
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **TextConfig.CHOICES,
@@ -67,10 +76,25 @@ class TextClassificationConfig(TextConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("num_labels", "top_k", "explanation_steps"):
+        for key in (
+            "num_labels",
+            "top_k",
+            "explanation_steps",
+            "max_explanation_texts",
+            "max_explanation_token_steps",
+        ):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
+        worst = self.max_length * self.explanation_steps
+        if self.captum_explanation and worst > self.max_explanation_token_steps:
+            raise ConfigError(
+                f"explaining one text of max_length {self.max_length} tokens at "
+                f"explanation_steps {self.explanation_steps} is {worst} token-steps, over "
+                f"max_explanation_token_steps {self.max_explanation_token_steps}; lower "
+                "explanation_steps or max_length, or raise max_explanation_token_steps (and "
+                "responseTimeout in model-config.yaml with it)"
+            )
 
 
 def function_for(problem_type: str | None, num_labels: int) -> str:
@@ -160,7 +184,39 @@ class TransformerClassificationHandler(TextHandler):
         ]
         return answers[0] if decoded.single else answers
 
+    def explanation_cost(self, decoded: Decoded) -> int:
+        """Token-steps the request would run; refuses, before any work, an archive that cannot
+        explain (400) and a request over max_explanation_texts or max_explanation_token_steps
+        (413)."""
+        self._check_explains()
+        config = self.config
+        texts = len(decoded.inputs)
+        if texts > config.max_explanation_texts:
+            raise PayloadTooLarge(
+                f"{texts} texts in one explanation request; the limit is "
+                f"{config.max_explanation_texts} (max_explanation_texts). Send them in "
+                "several requests"
+            )
+        tokens = sum(len(item.input_ids) for item in decoded.inputs)
+        cost = tokens * config.explanation_steps
+        if cost > config.max_explanation_token_steps:
+            raise PayloadTooLarge(
+                f"explaining these {texts} texts is {tokens} tokens x {config.explanation_steps} "
+                f"steps = {cost} token-steps; one batch runs at most "
+                f"{config.max_explanation_token_steps} (max_explanation_token_steps). Send fewer "
+                "or shorter texts per request"
+            )
+        return cost
+
+    def explanation_budget(self) -> tuple[int, str]:
+        return self.config.max_explanation_token_steps, "max_explanation_token_steps"
+
     def explain_inputs(self, inputs: list[Tokenized], decoded: Decoded) -> Any:
+        self._check_explains()
+        answers = [self._explain_one(item) for item in inputs]
+        return answers[0] if decoded.single else answers
+
+    def _check_explains(self) -> None:
         if self.config.save_mode != "pretrained" or not self.config.captum_explanation:
             raise InvalidInput(
                 "explanations need an archive built with save_mode 'pretrained' and "
@@ -168,8 +224,6 @@ class TransformerClassificationHandler(TextHandler):
                 f"save_mode {self.config.save_mode!r}, captum_explanation "
                 f"{str(self.config.captum_explanation).lower()}"
             )
-        answers = [self._explain_one(item) for item in inputs]
-        return answers[0] if decoded.single else answers
 
     def _explain_one(self, item: Tokenized) -> dict[str, Any]:
         target, scores, attributions, delta = explain(
@@ -364,7 +418,7 @@ def _plan_user_model(config: TextClassificationConfig, folder: Path) -> ExportPl
     else:
         model = exported = user_files.load_torchscript(config.serialized_file)
     checkpoint = _read_json(folder / "config.json")
-    num_classes = _output_width(model, tokenizer)
+    num_classes = output_width(model, tokenizer, config.max_length)
     id2label = checkpoint.get("id2label") or {}
     labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_classes)]
     metadata = {
@@ -377,26 +431,6 @@ def _plan_user_model(config: TextClassificationConfig, folder: Path) -> ExportPl
     if checkpoint:
         files.append(folder / "config.json")
     return text_export_plan(config, model, tokenizer, files, metadata, exported=exported)
-
-
-def _output_width(model: Any, tokenizer: Any) -> int:
-    """Runs one text; refuses a model that does not answer (1, num_labels) logits."""
-    input_ids = torch.tensor([tokenizer("ts-handlers")["input_ids"]])
-    try:
-        with torch.inference_mode():
-            logits = model(input_ids, torch.ones_like(input_ids))
-    except Exception as error:
-        raise ConfigError(
-            f"the model fails on (input_ids, attention_mask) of shape {tuple(input_ids.shape)}: "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
-        ) from None
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != 1:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ConfigError(
-            "the model must map (input_ids, attention_mask) to (batch, num_labels) logits; "
-            f"got {got}"
-        )
-    return int(logits.shape[-1])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
