@@ -18,7 +18,13 @@ from ts_handlers.server import LocalTorchServe
 
 @pytest.fixture(scope="session")
 def torchserve() -> Iterator[LocalTorchServe]:
-    server = LocalTorchServe(MODEL_STORE, [require(MODEL_STORE / name).name for name in ARCHIVES])
+    # The model API is off by default; test_lifecycle.py registers and unregisters on this
+    # server, so it is turned on here, limited to archives in the model store.
+    server = LocalTorchServe(
+        MODEL_STORE,
+        [require(MODEL_STORE / name).name for name in ARCHIVES],
+        enable_model_api=True,
+    )
     server.start()
     try:
         yield server

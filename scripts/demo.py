@@ -95,7 +95,7 @@ def main() -> int:
     if not archives:
         print("model_store/ has no archives; run `make archives` first", file=sys.stderr)
         return 1
-    rule("starting TorchServe on 127.0.0.1")
+    rule("starting TorchServe on 127.0.0.1 (token authorization on, model API off)")
     started = time.perf_counter()
     with LocalTorchServe(MODEL_STORE, archives) as server:
         print(f"serving {', '.join(archives)} in {time.perf_counter() - started:.1f}s")

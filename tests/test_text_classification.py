@@ -443,6 +443,88 @@ def test_explanations_need_captum_explanation_true(text_handlers, monkeypatch):
     assert "captum_explanation false" in body["message"]
 
 
+# ---- explanation limits and scheduling (docs/text_classification.md, "Explanation cost") -----
+
+
+@pytest.fixture
+def explainer(text_handlers, monkeypatch):
+    """The pretrained handler at 4 steps, with a budget of one max_length text per batch."""
+    handler = text_handlers["pretrained"]
+    config = dataclasses.replace(
+        handler.config,
+        explanation_steps=4,
+        max_explanation_token_steps=4 * handler.config.max_length,
+        max_explanation_texts=3,
+    )
+    monkeypatch.setattr(handler, "config", config)
+    run_batch(handler, [plain("tea")])  # a batch with no explanation: no history to yield to
+    return handler
+
+
+def test_explanation_requests_over_a_limit_get_413_before_any_work(explainer, monkeypatch):
+    def no_work(*args):
+        raise AssertionError("an explanation over a limit must not run")
+
+    monkeypatch.setattr(text_classification, "explain", no_work)
+    long_text = " ".join(SENTENCES)  # truncated to max_length tokens
+    results = run_batch(
+        explainer,
+        [
+            parsed_json({"inputs": ["tea"] * 4}, explain="True"),
+            parsed_json({"inputs": [long_text, "tea"]}, explain="True"),
+            plain(SENTENCES[0]),
+        ],
+    )
+    assert [status for status, _, _ in results] == [413, 413, 200]
+    for _, body, _ in results[:2]:
+        assert set(body) == {"code", "type", "message"} and body["type"] == "PayloadTooLarge"
+    assert "max_explanation_texts" in results[0][1]["message"]
+    assert "4 texts" in results[0][1]["message"]
+    assert "max_explanation_token_steps" in results[1][1]["message"]
+
+
+def test_explanations_past_the_batch_budget_get_429_with_retry_after(explainer):
+    text = SENTENCES[1]
+    tokens = len(explainer.tokenizer(text, truncation=True, max_length=32)["input_ids"])
+    assert 2 * tokens > explainer.config.max_length  # two of them do not fit one batch
+    results = run_batch(explainer, [plain(text, explain="True"), plain(text, explain="True")])
+    assert [status for status, _, _ in results] == [200, 429]
+    _, body, headers = results[1]
+    assert body["code"] == 429 and body["type"] == "TooManyRequests"
+    assert "max_explanation_token_steps" in body["message"]
+    assert int(headers["Retry-After"]) >= 1
+    assert "Retry-After" not in results[0][2]
+
+
+def test_a_batch_with_predictions_runs_no_explanations_right_after_one_that_did(explainer, eager):
+    explain_one = plain("the movie was great", explain="True")
+    first = run_batch(explainer, [explain_one, plain(SENTENCES[2])])
+    assert [status for status, _, _ in first] == [200, 200]
+    second = run_batch(explainer, [explain_one, plain(SENTENCES[2]), explain_one])
+    assert [status for status, _, _ in second] == [429, 200, 429]
+    assert "predictions go first" in second[0][1]["message"]
+    assert_answer(second[1][1], eager(SENTENCES[2]))
+    third = run_batch(explainer, [explain_one, plain(SENTENCES[2])])  # explanations' turn
+    assert [status for status, _, _ in third] == [200, 200]
+    alone = run_batch(explainer, [explain_one])  # no prediction waits: nothing to yield to
+    assert [status for status, _, _ in alone] == [200]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_explanation_texts": 0}, "max_explanation_texts must be at least 1"),
+        ({"max_explanation_token_steps": 0}, "max_explanation_token_steps must be at least 1"),
+        ({"explanation_steps": 201}, "is 6432 token-steps, over max_explanation_token_steps"),
+    ],
+)
+def test_explanation_limits_are_checked_at_load(text_handlers, changes, message):
+    config = text_handlers["pretrained"].config
+    assert config.max_length == 32
+    with pytest.raises(text_classification.ConfigError, match=message):
+        dataclasses.replace(config, **changes)
+
+
 # ---- what the build put in the archive --------------------------------------------------------
 
 

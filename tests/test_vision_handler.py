@@ -179,7 +179,8 @@ def test_bad_setup_config_fails_at_load_naming_the_key(tiny_vision_archive, tmp_
 
 
 def test_describe_reports_config_and_verification(batch):
-    [(code, body, _)] = batch([({"body": b""}, body_headers("", describe="True"))])
+    # What TorchServe's management describe sends: one request, no body, describe=True.
+    [(code, body, _)] = batch([({}, {"describe": "True"})])
     assert code == 200
     assert body["handler"] == "ImageClassifierHandler"
     assert body["config"]["image_size"] == [16, 16]

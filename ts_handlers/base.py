@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -27,8 +30,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from ts_handlers.config import SETUP_CONFIG_FILE, HandlerConfig, load_config
-from ts_handlers.errors import InvalidInput, RequestError, error_body
+from ts_handlers.errors import InvalidInput, RequestError, TooManyRequests, error_body
 from ts_handlers.export import load_artifact
+from ts_handlers.labels import LABELS_FILE, read_labels
 from ts_handlers.payload import Request
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,10 @@ ConfigT = TypeVar("ConfigT", bound=HandlerConfig)
 
 JSON_CONTENT_TYPE = "application/json"
 BATCH_SIZE_HEADER = "X-Batch-Size"
-LABELS_FILE = "index_to_name.json"
+# Config keys naming files on the build machine: never part of a describe answer.
+PRIVATE_CONFIG_KEYS = ("model_name", "serialized_file", "model_file")
+# An absolute POSIX, home-relative, Windows or file:// path inside a string.
+_PATH = re.compile(r"""(?:(?<![\w.:/])/|~/|\b[A-Za-z]:\\|file://)[^\s'"]*""")
 
 
 @dataclass
@@ -60,6 +67,10 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         self.model: Callable[..., Any] | None = None
         self.export_metadata: dict[str, Any] = {}
         self.labels: list[str] | None = None
+        # Explanation scheduling (see _explain): whether the last batch ran explanation work,
+        # and how long the last explanation work took (the Retry-After of a deferred request).
+        self._explained_last_batch = False
+        self._explanation_seconds = 1.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -100,12 +111,13 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         return model
 
     def load_labels(self) -> list[str] | None:
-        """Labels from ``index_to_name.json`` ({"0": "cat", ...}), ordered by class index."""
-        path = self.model_dir / LABELS_FILE
-        if not path.is_file():
-            return None
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-        return [str(mapping[key]) for key in sorted(mapping, key=int)]
+        """Labels from ``index_to_name.json``, checked against the model's class count here, at
+        load, so an archive built elsewhere with a wrong file fails to load, not per request."""
+        return read_labels(self.model_dir / LABELS_FILE, self.num_classes())
+
+    def num_classes(self) -> int | None:
+        """Classes the model outputs, as its export recorded them (None: not a classifier)."""
+        return self.export_metadata.get("num_classes")
 
     def setup(self) -> None:
         """Task-specific loading (a tokenizer, say); runs once after the model is loaded."""
@@ -122,15 +134,34 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
+        """The answer to ``GET /models/<name>?customized=true``: labels, config, export figures.
+
+        TorchServe gives a worker no describe signal a client cannot forge (see ``handle``), so
+        this holds nothing a client must not see: build-machine paths are left out or masked.
+        """
+        config = self.config.to_dict()
+        for key in PRIVATE_CONFIG_KEYS:
+            config.pop(key, None)
         return {
             "handler": type(self).__name__,
-            "config": self.config.to_dict(),
+            "config": without_paths(config),
             "labels": self.labels,
-            "export": self.export_metadata,
+            "export": without_paths(self.export_metadata),
         }
 
     def explain_inputs(self, inputs: list[Any], decoded: Decoded) -> Any:
         raise InvalidInput(f"{type(self).__name__} does not provide explanations for this model")
+
+    def explanation_cost(self, decoded: Decoded) -> int:
+        """The work one explanation request would cost, in the units of
+        ``explanation_budget``; checked when the request is decoded, before any work runs, so
+        a request over a per-request limit raises its 4xx here."""
+        return 0
+
+    def explanation_budget(self) -> tuple[int, str] | None:
+        """(work one handled batch may spend on explanations, the config key that sets it);
+        None: no bound."""
+        return None
 
     # ---- TorchServe entry point ------------------------------------------------------------
 
@@ -138,10 +169,17 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         self.context = context
         answers: list[Any] = [None] * len(data)
         decoded: dict[int, Decoded] = {}
-        explain: dict[int, Decoded] = {}
+        explain: dict[int, tuple[Decoded, int]] = {}
         for index, row in enumerate(data):
-            if context.get_request_header(index, "describe") == "True":
-                # GET /models/<name>?customized=true: what this worker serves, and how.
+            if (
+                len(data) == 1
+                and not row
+                and context.get_request_header(index, "describe") == "True"
+            ):
+                # GET /models/<name>?customized=true reaches the worker as a batch of one
+                # request with no body and the header describe=True. A client can send that
+                # header to /predictions too, so a request that carries a body is always a
+                # prediction, and describe() holds nothing secret (docs/security.md).
                 answers[index] = self._answer(context, index, self.describe)
                 continue
             try:
@@ -151,17 +189,21 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
                 item = self.decode(request)
                 if not item.inputs:
                     raise InvalidInput("the request contains no inputs")
-                (explain if self._wants_explanation(context, index) else decoded)[index] = item
+                if self._wants_explanation(context, index):
+                    explain[index] = (item, self.explanation_cost(item))
+                else:
+                    decoded[index] = item
             except RequestError as error:
+                # One line, no payload and no message (it may quote the client's text).
+                logger.info(
+                    "request %d rejected: %d %s", index, int(error.status), error.error_type
+                )
                 answers[index] = self._reject(context, index, error)
             except Exception:  # an unexpected decode failure must not take the batch down
                 logger.exception("decoding request %d failed", index)
                 answers[index] = self._internal_error(context, index)
 
-        for index, item in explain.items():
-            answers[index] = self._answer(
-                context, index, lambda item=item: self.explain_inputs(item.inputs, item)
-            )
+        self._explained_last_batch = self._explain(context, explain, answers, bool(decoded))
         if decoded:
             self._predict(context, decoded, answers)
 
@@ -194,6 +236,65 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
             offset += len(item.inputs)
             answers[index] = self._answer(context, index, lambda c=chunk, i=item: self.encode(c, i))
 
+    def _explain(
+        self,
+        context: Any,
+        explain: dict[int, tuple[Decoded, int]],
+        answers: list[Any],
+        predictions: bool,
+    ) -> bool:
+        """Runs the explanations that fit this batch's budget; the rest get 429 + Retry-After.
+
+        TorchServe sends a batch's answers together when ``handle`` returns, and the worker takes
+        no new batch before that, so explanation work delays every prediction in its batch and
+        every request queued behind it. Two rules bound that delay to one budget's worth of work:
+        a batch spends at most ``explanation_budget`` on explanations (the requests in batch
+        order that fit), and a batch that holds predictions runs no explanations when the batch
+        before it did. So a prediction waits behind at most one batch of explanation work, and
+        explanations still get every other batch however many predictions come in. Returns
+        whether any explanation ran.
+        """
+        if not explain:
+            return False
+        limit = self.explanation_budget()
+        budget = None if limit is None else limit[0]
+        yield_to_predictions = predictions and self._explained_last_batch
+        if yield_to_predictions:
+            budget = 0
+        spent, deferred, ran = 0, [], False
+        started = time.monotonic()
+        for index, (item, cost) in explain.items():
+            if budget is not None and spent + cost > budget:
+                deferred.append(index)
+                continue
+            spent += cost
+            ran = True
+            answers[index] = self._answer(
+                context, index, lambda item=item: self.explain_inputs(item.inputs, item)
+            )
+        if ran:
+            self._explanation_seconds = time.monotonic() - started
+        if not deferred:
+            return ran
+        assert limit is not None
+        retry_after = max(1, math.ceil(self._explanation_seconds))
+        if yield_to_predictions:
+            reason = (
+                "predictions go first: the previous batch ran explanations, so this batch, "
+                "which holds predictions, runs none"
+            )
+        else:
+            reason = "earlier explanation requests in this batch took its share"
+        error = TooManyRequests(
+            f"explanation work per batch is limited to {limit[0]} ({limit[1]}) and {reason}; "
+            f"retry after {retry_after} s",
+            retry_after,
+        )
+        logger.info("%d explanation requests deferred: 429", len(deferred))
+        for index in deferred:
+            answers[index] = self._reject(context, index, error)
+        return ran
+
     def _run_forward(self, inputs: list[Any]) -> list[Any]:
         with torch.inference_mode():
             outputs = list(self.forward(inputs))
@@ -216,6 +317,8 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
     def _reject(context: Any, index: int, error: RequestError) -> str:
         context.set_response_status(int(error.status), error.status.phrase, index)
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
+        if isinstance(error, TooManyRequests):
+            context.set_response_header(index, "Retry-After", str(error.retry_after))
         return error.to_json()
 
     @staticmethod
@@ -236,6 +339,17 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
     @staticmethod
     def _wants_explanation(context: Any, index: int) -> bool:
         return context.get_request_header(index, "explain") == "True"
+
+
+def without_paths(value: Any) -> Any:
+    """``value`` with every file path inside its strings masked as ``<path>``."""
+    if isinstance(value, str):
+        return _PATH.sub("<path>", value)
+    if isinstance(value, dict):
+        return {key: without_paths(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_paths(item) for item in value]
+    return value
 
 
 def top_k_labels(probabilities: torch.Tensor, labels: list[str], k: int) -> list[dict[str, Any]]:

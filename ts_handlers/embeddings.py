@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import ConfigError, HandlerConfig
+from ts_handlers.config import ConfigError
 from ts_handlers.export import ExportError, ExportPlan
 from ts_handlers.payload import bool_option
 from ts_handlers.text import (
+    MAX_FLOAT_CHARS,
     TextConfig,
     TextHandler,
+    answer_bytes,
     load_tokenizer,
     output_width,
     text_export_plan,
@@ -85,10 +87,7 @@ class SentenceEmbeddingConfig(TextConfig):
     }
 
     def __post_init__(self) -> None:
-        if self.max_length is None:
-            HandlerConfig.__post_init__(self)  # TextConfig's length check needs a number
-        else:
-            super().__post_init__()
+        super().__post_init__()  # TextConfig checks max_length once the export resolved it
         if self.pooling_mode is not None:
             # opensearch-py-ml writes "MEAN"; accept it so its model configs carry over.
             object.__setattr__(self, "pooling_mode", check_pooling_mode(self.pooling_mode))
@@ -161,6 +160,10 @@ class SentenceEmbeddingHandler(TextHandler):
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask).float()
+
+    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+        """One vector as JSON: each number at most MAX_FLOAT_CHARS, ", " between, brackets."""
+        return answer_bytes(self.config.embedding_dimension, MAX_FLOAT_CHARS)
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
         embeddings = torch.stack(outputs)

@@ -42,5 +42,22 @@ class UnsupportedMediaType(RequestError):
     status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
+class TooManyRequests(RequestError):
+    """The worker's share for this kind of work is taken; the answer carries ``Retry-After``."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# An error body stays small whatever a message quotes: an answer longer than TorchServe's
+# max_response_size would kill the worker instead of reaching the client.
+MAX_MESSAGE_CHARS = 1000
+
+
 def error_body(status: HTTPStatus | int, error_type: str, message: str) -> str:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
     return json.dumps({"code": int(status), "type": error_type, "message": message})

@@ -5,6 +5,17 @@ TorchServe gives a handler one dict per request. The body sits under ``body`` (a
 already-parsed dict/list for ``application/json``; query parameters and other form fields sit
 beside it. :class:`Request` normalises that, and its accessors turn every malformed body into an
 :class:`~ts_handlers.errors.InvalidInput` rather than an exception from deep inside a library.
+
+Every task gets the same hardening here: a ``Content-Encoding: gzip``/``deflate`` body is
+inflated with a cap (413 beyond it, so a zip bomb never expands), and JSON is parsed strictly:
+nesting deeper than :data:`MAX_JSON_DEPTH` is refused by a scan before any recursive parse,
+``NaN``/``Infinity`` (not JSON) and numbers that overflow are refused, a key given twice is
+refused by name, and a number too long for Python's int conversion is a 400, not a 500.
+TorchServe's worker ``json.loads`` an ``application/json`` body itself unless the property
+``decode_input_request=false`` is set (``LocalTorchServe`` sets it): a body it parsed arrives as
+a dict or list and is re-checked for depth and non-finite numbers (a repeated key is already
+lost by then); a body it failed to parse arrives as bytes and is parsed here. See
+docs/security.md.
 """
 
 from __future__ import annotations
@@ -12,14 +23,32 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+import math
+import re
+import sys
+import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ts_handlers.errors import InvalidInput
+import numpy as np
+
+from ts_handlers.errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 
 BODY_KEYS = ("body", "data")
 JSON_TYPES = (dict, list, str, int, float, bool)
+
+# TorchServe's own default max_request_size (bytes); its frontend answers 413 above it.
+DEFAULT_MAX_REQUEST_SIZE = 6_553_500
+# A compressed body may inflate to at most this many bytes; more is a 413 (a zip bomb never
+# expands past it). Request.from_row(max_decompressed=...) overrides it.
+MAX_DECOMPRESSED_BYTES = DEFAULT_MAX_REQUEST_SIZE
+# Content-Encoding values a body may carry; anything else is a 415.
+CONTENT_ENCODINGS = ("identity", "gzip", "x-gzip", "deflate")
+# JSON containers nested deeper than this are refused before parsing (our requests need 2).
+MAX_JSON_DEPTH = 64
+# Longest piece of a client's value an error message quotes back.
+PREVIEW_CHARS = 40
 
 
 @dataclass(frozen=True)
@@ -33,19 +62,27 @@ class Request:
 
     @classmethod
     def from_row(
-        cls, row: Any, content_type: str = "", headers: Mapping[str, Any] | None = None
+        cls,
+        row: Any,
+        content_type: str = "",
+        headers: Mapping[str, Any] | None = None,
+        *,
+        max_decompressed: int = MAX_DECOMPRESSED_BYTES,
     ) -> Request:
+        """Normalises one TorchServe row; a compressed body is inflated here (capped)."""
         content_type = content_type.split(";")[0].strip().lower()
         headers = {
             str(key).lower(): value
             for key, value in (headers or {}).items()
             if isinstance(value, str)
         }
+        encoding = headers.get("content-encoding", "")
         if not isinstance(row, Mapping):
-            return cls(body=row, content_type=content_type, headers=headers)
+            body = decode_content(row, encoding, max_decompressed)
+            return cls(body=body, content_type=content_type, headers=headers)
         body_key = next((key for key in BODY_KEYS if key in row), None)
         params = {key: _param_text(value) for key, value in row.items() if key != body_key}
-        body = row.get(body_key) if body_key else None
+        body = decode_content(row.get(body_key) if body_key else None, encoding, max_decompressed)
         return cls(body=body, content_type=content_type, params=params, headers=headers)
 
     def option(self, name: str, json_body: Any = None) -> Any:
@@ -82,18 +119,18 @@ class Request:
             ) from None
 
     def json(self) -> Any:
-        """The body parsed as JSON; TorchServe has already parsed application/json bodies."""
+        """The body parsed as strict JSON (see :func:`parse_json`).
+
+        TorchServe's worker may have parsed an application/json body already (leniently:
+        it takes NaN and keeps the last of a repeated key); such a value is re-checked for
+        depth and non-finite numbers.
+        """
         if isinstance(self.body, JSON_TYPES) and not isinstance(self.body, str):
+            check_parsed_json(self.body)
             return self.body
         if isinstance(self.body, str) and self.content_type == "application/json":
             return self.body  # a bare JSON string TorchServe decoded: not JSON to parse again
-        text = self.text()
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise InvalidInput(
-                f"the body is not valid JSON: {error.msg} at char {error.pos}"
-            ) from None
+        return parse_json(self.text())
 
     def looks_like_json(self) -> bool:
         if isinstance(self.body, dict | list):
@@ -104,6 +141,194 @@ class Request:
             return True
         head = self.body[:1] if isinstance(self.body, bytes | bytearray | str) else b""
         return head in (b"{", b"[", "{", "[")
+
+
+def reject_unknown_fields(payload: Mapping[str, Any], accepted: Iterable[str]) -> None:
+    """Every task treats a JSON field it does not know the same way: 400 listing the known."""
+    accepted = list(accepted)
+    unknown = sorted(set(payload) - set(accepted))
+    if unknown:
+        shown = ", ".join(preview(key, quote=False) for key in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise InvalidInput(f"unknown field(s) {shown}{more}; accepted: {', '.join(accepted)}")
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS, *, quote: bool = True) -> str:
+    """A short rendering of a client's value for an error message, never the whole value.
+
+    An answer longer than TorchServe's max_response_size kills the worker, and a client value
+    quoted in full could make one; it would also copy user text into logs and proxies.
+    """
+    if isinstance(value, str):
+        shown = value[:limit]
+        text = json.dumps(shown, ensure_ascii=False) if quote else shown
+        return text if len(value) <= limit else text + "…"
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# ---- strict JSON -------------------------------------------------------------------------
+
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
+
+
+def json_depth(text: str) -> int:
+    """How deeply the containers of a JSON text nest, found by a linear scan, no recursion.
+
+    Escapes are dropped first, so every remaining quote delimits a string; strings are dropped
+    next, so every remaining bracket is structural. On invalid JSON the count may be off past
+    the first error, where a parser stops anyway.
+    """
+    if "[" not in text and "{" not in text:
+        return 0
+    # UTF-8 keeps ASCII bytes for ASCII characters only, so bracket bytes are brackets.
+    structure = _STRING.sub("", _ESCAPE.sub("", text)).encode("utf-8", "surrogatepass")
+    codes = np.frombuffer(structure, np.uint8)
+    steps = (codes == ord("[")).astype(np.int8) + (codes == ord("{"))
+    steps -= (codes == ord("]")).astype(np.int8) + (codes == ord("}"))
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+def parse_json(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON: every malformed body, of any shape, is an :class:`InvalidInput`.
+
+    Refused: nesting deeper than ``max_depth`` (checked before parsing), ``NaN`` and
+    ``Infinity`` (not JSON), numbers that overflow a double, integers longer than Python's int
+    conversion limit, and a key repeated in one object (which value was meant is ambiguous).
+    """
+    if text.count("[") + text.count("{") > max_depth and json_depth(text) > max_depth:
+        raise InvalidInput(_too_deep(max_depth))
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
+    except RequestError:
+        raise
+    except json.JSONDecodeError as error:
+        raise InvalidInput(f"the body is not valid JSON: {error.msg} at char {error.pos}") from None
+    except RecursionError:  # a backstop: the depth scan above should have refused it
+        raise InvalidInput(_too_deep(max_depth)) from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise InvalidInput(
+            f"the body is not valid JSON for this server: a number has more than "
+            f"{sys.get_int_max_str_digits()} digits"
+        ) from None
+
+
+def check_parsed_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """The checks of :func:`parse_json` that still apply to an already-parsed value."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidInput(_NON_FINITE)
+        elif isinstance(item, dict | list):
+            depth += 1
+            if depth > max_depth:
+                raise InvalidInput(_too_deep(max_depth))
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend(
+                (child, depth) for child in children if isinstance(child, dict | list | float)
+            )
+
+
+_NON_FINITE = "the body is not valid JSON: NaN and Infinity are not JSON numbers"
+
+
+def _too_deep(max_depth: int) -> str:
+    return f"the JSON body nests more than {max_depth} levels deep"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidInput(
+                    f"the JSON body repeats the key {preview(key)} in one object; "
+                    "send each key once"
+                )
+            seen.add(key)
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidInput(_NON_FINITE)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidInput(
+            "the body is not valid JSON for this server: a number is too large for a double"
+        )
+    return value
+
+
+# ---- Content-Encoding --------------------------------------------------------------------
+
+
+def decode_content(body: Any, encoding: str, limit: int = MAX_DECOMPRESSED_BYTES) -> Any:
+    """The body with its ``Content-Encoding`` undone, inflating at most ``limit`` bytes."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in CONTENT_ENCODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {preview(encoding)} is not supported; send the body "
+            "uncompressed, or compressed once with gzip or deflate"
+        )
+    coding = codings[0]
+    if body is None or (isinstance(body, bytes | bytearray | str) and not body):
+        return body
+    if isinstance(body, str):
+        data = body.encode("utf-8")  # TorchServe decoded a text/* body: re-encoding is lossless
+    elif isinstance(body, bytes | bytearray):
+        data = bytes(body)
+    else:
+        raise InvalidInput(f"the body is marked Content-Encoding {coding} but is not {coding} data")
+    return inflate(data, coding, limit)
+
+
+def inflate(data: bytes, coding: str, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
+    """gzip (every member) or deflate (zlib-wrapped or raw), refusing output past ``limit``."""
+    gzip = coding in ("gzip", "x-gzip")
+    if gzip:
+        wbits = 16 + zlib.MAX_WBITS
+    else:  # RFC 9110 deflate is zlib-wrapped; some clients send raw deflate
+        zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and int.from_bytes(data[:2]) % 31 == 0
+        wbits = zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
+    chunks: list[bytes] = []
+    size = 0
+    while data:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            chunk = inflater.decompress(data, limit - size + 1)
+        except zlib.error:
+            raise InvalidInput(f"the body is not valid {coding} data") from None
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the {coding} body inflates to more than {limit} bytes, the limit for a "
+                "decompressed body; send less data"
+            )
+        if not inflater.eof:
+            raise InvalidInput(f"the {coding} body is truncated")
+        chunks.append(chunk)
+        data = inflater.unused_data
+        if data and not gzip:
+            raise InvalidInput(f"the {coding} body has trailing data after the stream")
+    return b"".join(chunks)
 
 
 def decode_base64(text: str, what: str = "data") -> bytes:
@@ -129,9 +354,9 @@ def int_option(name: str, value: Any, default: int | None, minimum: int = 1) -> 
         try:
             value = int(value.strip())
         except ValueError:
-            raise InvalidInput(f"{name} must be an integer, got {value!r}") from None
+            raise InvalidInput(f"{name} must be an integer, got {preview(value)}") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{name} must be an integer, got {json.dumps(value)}")
+        raise InvalidInput(f"{name} must be an integer, got {preview(value)}")
     if value < minimum:
         raise InvalidInput(f"{name} must be at least {minimum}, got {value}")
     return value
@@ -144,7 +369,7 @@ def bool_option(name: str, value: Any, default: bool) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
         return value.strip().lower() in ("true", "1")
-    raise InvalidInput(f"{name} must be true or false, got {json.dumps(value)}")
+    raise InvalidInput(f"{name} must be true or false, got {preview(value)}")
 
 
 def _param_text(value: Any) -> Any:

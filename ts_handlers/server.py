@@ -1,7 +1,12 @@
 """Run a real TorchServe on loopback for the demo, the integration tests and the benchmarks.
 
-Every port is a free port on 127.0.0.1, token authorization stays on (the keys are read from
-the ``key_file.json`` TorchServe writes), and all state (logs, pid file, keys) lives in a
+Safe defaults, written explicitly into the ``config.properties`` it generates (see
+docs/security.md): every address on 127.0.0.1 unless ``host`` says otherwise, token
+authorization on (the keys are read from the ``key_file.json`` TorchServe writes), the model
+API (register/unregister at run time) off unless ``enable_model_api=True``, ``allowed_urls``
+limited to ``.mar`` files inside the model store, and explicit request and response size
+limits. The worker forwards bodies undecoded (``decode_input_request=false``) so the
+handler's strict JSON parser sees every body. All state (logs, pid file, keys) lives in a
 private working folder, so several servers can run side by side and nothing leaks between runs.
 The server runs in the foreground in its own process group and is always killed on exit.
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,13 +33,61 @@ from typing import Any
 
 import requests
 
+from ts_handlers.payload import DEFAULT_MAX_REQUEST_SIZE
+
 KEY_FILE = "key_file.json"
+CONFIG_FILE = "config.properties"
+LOOPBACK = "127.0.0.1"
+# TorchServe's own defaults (DEFAULT_MAX_REQUEST_SIZE comes from payload.py, which caps a
+# decompressed body by it), written out so a reader of config.properties sees the limits. A
+# body over max_request_size gets the frontend's 413 (with an empty body); an answer over
+# max_response_size makes the frontend drop the worker's connection, so the worker restarts.
+DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
+PORT_NAMES = ("inference", "management", "metrics", "grpc_i", "grpc_m")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = LOOPBACK) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def model_store_urls(model_store: str | Path) -> str:
+    """An ``allowed_urls`` value that admits only ``file://`` URLs of archives in the store.
+
+    TorchServe matches each comma-separated entry as a case-insensitive Java regex against the
+    whole ``url`` of a register call, and only for ``http(s)://`` and ``file://`` URLs; a plain
+    archive name (``url=mnist.mar``) is always looked up inside the model store. So this refuses
+    every download: nothing outside the store can be registered.
+    """
+    store = Path(model_store).resolve().as_posix()
+    if "," in store:
+        raise ValueError(
+            f"the model store path {store!r} has a comma, which allowed_urls splits on"
+        )
+    return f"file://{re.escape(store)}/[^/]+\\.mar"
+
+
+def properties_text(properties: dict[str, Any]) -> str:
+    """``key=value`` lines as java.util.Properties reads them back (backslashes escaped)."""
+    lines = []
+    for key, value in properties.items():
+        text = str(value)
+        if "\n" in text or "\r" in text:
+            raise ValueError(f"property {key} has a line break")
+        escaped = "".join(
+            "\\\\" if ch == "\\" else ch if ord(ch) < 127 else _unicode_escape(ch) for ch in text
+        )
+        if escaped.startswith(" "):
+            escaped = "\\" + escaped
+        lines.append(f"{key}={escaped}\n")
+    return "".join(lines)
+
+
+def _unicode_escape(ch: str) -> str:
+    units = ch.encode("utf-16-be")
+    return "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
 
 
 class TorchServeStartError(RuntimeError):
@@ -47,17 +101,30 @@ class LocalTorchServe:
         models: Iterable[str] = (),
         *,
         python: str | Path | None = None,
-        enable_model_api: bool = True,
+        enable_model_api: bool = False,
+        host: str = LOOPBACK,
+        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
         extra_properties: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 180.0,
     ) -> None:
+        """``enable_model_api``: allow register/unregister at run time (model store only).
+
+        ``host``: the address every API binds to. ``extra_properties`` are written last and
+        override anything above, token authorization included: a deliberate choice.
+        """
+        if min(max_request_size, max_response_size) < 1:
+            raise ValueError("max_request_size and max_response_size must be positive")
         self.model_store = Path(model_store).resolve()
         self.models = list(models)
         # The worker runs on the Python that launches TorchServe; naming another one (a venv
         # without ts_handlers, say) changes what the handlers can import.
         self.python = str(python or sys.executable)
         self.enable_model_api = enable_model_api
+        self.host = host
+        self.max_request_size = max_request_size
+        self.max_response_size = max_response_size
         self.extra_properties = extra_properties or {}
         self.env = env or {}
         self.startup_timeout = startup_timeout
@@ -77,30 +144,46 @@ class LocalTorchServe:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def start(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="ts-handlers-serve-"))
-        ports = {
-            name: free_port() for name in ("inference", "management", "metrics", "grpc_i", "grpc_m")
-        }
-        self.inference_url = f"http://127.0.0.1:{ports['inference']}"
-        self.management_url = f"http://127.0.0.1:{ports['management']}"
-        self.metrics_url = f"http://127.0.0.1:{ports['metrics']}"
-        properties = {
-            "inference_address": self.inference_url,
-            "management_address": self.management_url,
-            "metrics_address": self.metrics_url,
-            "grpc_inference_address": "127.0.0.1",
-            "grpc_management_address": "127.0.0.1",
+    def properties(self, ports: dict[str, int]) -> dict[str, Any]:
+        """The ``config.properties`` entries for the given ports (see ``PORT_NAMES``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return {
+            "inference_address": f"http://{host}:{ports['inference']}",
+            "management_address": f"http://{host}:{ports['management']}",
+            "metrics_address": f"http://{host}:{ports['metrics']}",
+            "grpc_inference_address": self.host,
+            "grpc_management_address": self.host,
             "grpc_inference_port": ports["grpc_i"],
             "grpc_management_port": ports["grpc_m"],
             "model_store": self.model_store,
+            "disable_token_authorization": "false",
+            "enable_model_api": "true" if self.enable_model_api else "false",
+            "allowed_urls": model_store_urls(self.model_store),
+            "max_request_size": self.max_request_size,
+            "max_response_size": self.max_response_size,
+            # The worker hands the handler raw bytes, which it parses strictly (payload.py);
+            # TorchServe sets the worker's TS_DECODE_INPUT_REQUEST from this, over any env.
+            "decode_input_request": "false",
             "default_workers_per_model": 1,
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "true",
             **self.extra_properties,
         }
-        config_path = self.workdir / "config.properties"
-        config_path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+
+    def write_config(self, folder: Path, ports: dict[str, int]) -> Path:
+        """Writes ``config.properties`` into ``folder`` (starts nothing) and returns its path."""
+        path = Path(folder) / CONFIG_FILE
+        path.write_text(properties_text(self.properties(ports)), encoding="ascii")
+        return path
+
+    def start(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="ts-handlers-serve-"))
+        ports = {name: free_port(self.host) for name in PORT_NAMES}
+        config_path = self.write_config(self.workdir, ports)
+        properties = self.properties(ports)
+        self.inference_url = properties["inference_address"]
+        self.management_url = properties["management_address"]
+        self.metrics_url = properties["metrics_address"]
         command = [
             self.python,
             "-c",
@@ -113,8 +196,6 @@ class LocalTorchServe:
             "--model-store",
             str(self.model_store),
         ]
-        if self.enable_model_api:
-            command.append("--enable-model-api")
         if self.models:
             command += ["--models", *[f"{Path(m).stem}={m}" for m in self.models]]
         private_tmp = self.workdir / "tmp"

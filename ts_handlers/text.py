@@ -138,9 +138,10 @@ class TextHandler(TaskHandler[Any]):
         truncate = options.get("truncate", True)
         inputs = []
         tokens = 0
+        padded = self.config.max_length if self.config.pad_to_max_length else 0
         for index, text in enumerate(texts):
             item = self.tokenize(text, index, truncate)
-            tokens += self.config.max_length if self.config.pad_to_max_length else len(item.input_ids)
+            tokens += padded or len(item.input_ids)  # the positions the model will run
             if tokens > self.config.max_tokens_per_request:
                 raise PayloadTooLarge(
                     f"inputs[:{index + 1}] are already {tokens} tokens after truncation; the "

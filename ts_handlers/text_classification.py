@@ -26,11 +26,13 @@ from ts_handlers.config import ConfigError
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
-from ts_handlers.payload import int_option
+from ts_handlers.payload import int_option, preview
 from ts_handlers.text import (
+    MAX_FLOAT_CHARS,
     TextConfig,
     TextHandler,
     Tokenized,
+    answer_bytes,
     check_tokenizer_fits,
     embedding_rows,
     load_tokenizer,
@@ -159,14 +161,17 @@ class TransformerClassificationHandler(TextHandler):
         self.function = self.config.function_to_apply or function_for(
             metadata.get("problem_type"), num_classes
         )
+        # The longest {"label": ..., "score": ...} entry an answer can hold, as JSON writes it.
+        self.entry_bytes = MAX_FLOAT_CHARS + max(
+            len(json.dumps({"label": label, "score": 0})) - 1 for label in self.labels
+        )
 
     def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
         default = self.config.top_k or len(self.labels)
         function = raw.get("function_to_apply")
         if function is not None and function not in FUNCTIONS:
             raise InvalidInput(
-                f"function_to_apply must be one of {', '.join(FUNCTIONS)}, "
-                f"got {json.dumps(function)}"
+                f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {preview(function)}"
             )
         return {
             **super().parse_options(raw),
@@ -176,6 +181,10 @@ class TransformerClassificationHandler(TextHandler):
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask).float()
+
+    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+        """top_k entries (at most one per label), each at most ``entry_bytes``."""
+        return answer_bytes(min(options["top_k"], len(self.labels)), self.entry_bytes)
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
         function, top_k = decoded.options["function_to_apply"], decoded.options["top_k"]

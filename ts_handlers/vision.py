@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import importlib
 import io
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from ts_handlers.base import Decoded, TaskHandler, entry_point, top_k_labels
 from ts_handlers.config import ConfigError, HandlerConfig
 from ts_handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ts_handlers.export import ExportPlan
-from ts_handlers.payload import Request, decode_base64, int_option
+from ts_handlers.payload import Request, decode_base64, int_option, reject_unknown_fields
 
 COLOR_MODES = ("L", "RGB")
+# The bits per sample a raw mode names: "RGBA;16B" -> 16, "F;32F" -> 32.
+_RAW_SAMPLE_BITS = re.compile(r";(\d+)")
 
 
 @dataclass(frozen=True)
 class ImageClassifierConfig(HandlerConfig):
     mode: str = "image_classification"
     export_method: str = "script"
-    # Eager architecture the export step rebuilds from model_name ("module:Class").
-    model_class: str = "ts_handlers.models:SmallCNN"
     color_mode: str = "L"
     image_size: tuple[int, ...] = (28, 28)  # height, width
     mean: tuple[float, ...] = (0.1307,)
@@ -38,6 +39,10 @@ class ImageClassifierConfig(HandlerConfig):
     top_k: int = 5
     # Larger images get 413 before they are decoded; Pillow's own bomb guard stays on as well.
     max_image_pixels: int = 4096 * 4096
+    # Bytes the decoded pixels take, width x height x bands x bytes per sample as the image
+    # header states them (a 16-bit RGBA PNG is 8 bytes a pixel); more: 413 before decoding.
+    # The default is a 4096 x 4096 RGB image at 8 bits.
+    max_image_bytes: int = 4096 * 4096 * 3
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **HandlerConfig.CHOICES,
@@ -58,11 +63,32 @@ class ImageClassifierConfig(HandlerConfig):
             )
         if min(self.std) <= 0:
             raise ConfigError("std values must be positive")
-        if self.top_k < 1 or self.max_image_pixels < 1:
-            raise ConfigError("top_k and max_image_pixels must be at least 1")
+        for key in ("top_k", "max_image_pixels", "max_image_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes the pixels of an opened (not yet decoded) image take: from its header alone.
+
+    Bands and sample size come from Pillow's mode, or from the raw mode the file's data is
+    stored in when that names wider samples ("RGBA;16B": 16 bits, so 8 bytes a pixel).
+    """
+    mode = ImageMode.getmode(image.mode)
+    sample = int(mode.typestr[-1]) if mode.typestr[-1].isdigit() else 1
+    for tile in getattr(image, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args if isinstance(args, str) else ""
+        if isinstance(args, tuple) and args and isinstance(args[0], str):
+            rawmode = args[0]
+        bits = _RAW_SAMPLE_BITS.search(rawmode)
+        if bits:
+            sample = max(sample, -(-int(bits.group(1)) // 8))
+    width, height = image.size
+    return width * height * len(mode.bands) * sample
+
+
+def open_image(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Decodes image bytes, refusing oversized or broken images with a client error."""
     try:
         image = Image.open(io.BytesIO(data))
@@ -77,7 +103,14 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"the image is {width}x{height} = {width * height} pixels; "
-            f"this model accepts at most {max_pixels}"
+            f"this model accepts at most {max_pixels} (setup_config.json max_image_pixels)"
+        )
+    size = decoded_bytes(image)
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} {image.mode} and decodes to {size} bytes; this "
+            f"model accepts at most {max_bytes} (setup_config.json max_image_bytes). Send it "
+            "smaller, or with 8 bits per sample"
         )
     try:
         image.load()
@@ -129,6 +162,10 @@ class ImageClassifierHandler(TaskHandler[ImageClassifierConfig]):
                     f'expected a JSON object {{"data": "<base64>"}}, got {type(payload).__name__}; '
                     "send one image per request"
                 )
+            # "image" is another name for "data"
+            reject_unknown_fields(payload, ("data", "image", "top_k"))
+            if "data" in payload and "image" in payload:
+                raise InvalidInput('send the image as "data" or as "image", not both')
             data = payload.get("data", payload.get("image"))
             if not isinstance(data, str):
                 raise InvalidInput('the JSON body needs "data": a base64-encoded image string')
@@ -136,7 +173,7 @@ class ImageClassifierHandler(TaskHandler[ImageClassifierConfig]):
         elif raw is None or not _is_image_signature(raw):
             raw = self._bytes_or_base64(request, raw)
         top_k = int_option("top_k", request.option("top_k", payload), self.config.top_k)
-        image = open_image(raw, self.config.max_image_pixels)
+        image = open_image(raw, self.config.max_image_pixels, self.config.max_image_bytes)
         return Decoded(inputs=[image_to_tensor(image, self.config)], options={"top_k": top_k})
 
     @staticmethod
@@ -167,10 +204,33 @@ def _is_image_signature(raw: bytes | None) -> bool:
 
 
 def prepare_export(config: ImageClassifierConfig) -> ExportPlan:
-    """Rebuilds the eager model from its checkpoint and plans verification on several batches."""
-    module_name, _, class_name = config.model_class.partition(":")
-    model_class = getattr(importlib.import_module(module_name), class_name)
-    model = model_class.from_checkpoint(config.model_name).eval()
+    """Loads the model the config names and plans verification on several batch sizes.
+
+    The model maps ``(N, C, H, W)`` float images (``C`` from ``color_mode``, ``H, W`` from
+    ``image_size``, normalised with ``mean``/``std``) to ``(N, num_classes)`` logits.
+    """
+    from ts_handlers import user_files
+
+    kind = user_files.user_model_kind(config)
+    model: torch.nn.Module | None = None
+    exported = reference = None
+    if kind == "torchscript_file":
+        exported = user_files.load_torchscript(config.serialized_file)
+        reference = user_files.one_at_a_time(exported)
+    elif kind == "model_file":
+        model = user_files.load_model_file(
+            config.model_file, config.model_class, config.serialized_file
+        )
+    elif ":" in config.model_class and config.model_name:
+        module_name, _, class_name = config.model_class.partition(":")
+        model = getattr(importlib.import_module(module_name), class_name)
+        model = model.from_checkpoint(config.model_name).eval()
+    else:
+        raise ConfigError(
+            "name the model: serialized_file (a TorchScript file), or model_file + model_class "
+            "+ serialized_file (a .py and its state_dict), or model_class 'module:Class' with a "
+            "from_checkpoint(model_name) class method and model_name"
+        )
     generator = torch.Generator().manual_seed(0)
     height, width = config.image_size
 
@@ -178,14 +238,35 @@ def prepare_export(config: ImageClassifierConfig) -> ExportPlan:
         return (torch.randn(count, len(config.color_mode), height, width, generator=generator),)
 
     example = images(2)
-    with torch.inference_mode():
-        num_classes = int(model(*example).shape[-1])
+    num_classes = _num_classes(exported if model is None else model, example[0])
     return ExportPlan(
         model=model,
+        exported=exported,
+        reference=reference,
         example_inputs=example,
         verify_inputs=[images(count) for count in (1, 2, 7, 32)],
         metadata={"num_classes": num_classes},
+        num_classes=num_classes,
     )
+
+
+def _num_classes(model: Any, images: torch.Tensor) -> int:
+    """Runs the model once; refuses one that does not answer (N, C, H, W) with (N, classes)."""
+    shape = "x".join(map(str, images.shape))
+    try:
+        with torch.inference_mode():
+            logits = model(images)
+    except Exception as error:
+        raise ConfigError(
+            f"the model fails on a {shape} (N, C, H, W) batch, the shape color_mode and "
+            f"image_size give: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != len(images):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"the model must map a {shape} batch to ({len(images)}, num_classes) logits; got {got}"
+        )
+    return int(logits.shape[-1])
 
 
 handle = entry_point(ImageClassifierHandler)
