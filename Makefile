@@ -16,6 +16,7 @@ $(SETUP_STAMP): setup.cfg pyproject.toml constraints.txt scripts/setup.sh
 archives: setup
 	$(PY) scripts/train_digits.py
 	$(PY) scripts/train_sentiment.py
+	$(PY) scripts/train_ner.py
 	$(PY) scripts/fetch_minilm.py
 	$(PY) -m ts_handlers.build --all
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_STORE = ROOT / "model_store"
-ARCHIVES = ["mnist.mar", "sentiment.mar", "sentiment_eager.mar", "minilm.mar"]
+ARCHIVES = ["mnist.mar", "sentiment.mar", "sentiment_eager.mar", "minilm.mar", "ner.mar"]
 DIGITS_HELDOUT = ROOT / "build/checkpoints/digits/heldout.npz"
 
 

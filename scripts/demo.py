@@ -83,10 +83,23 @@ def demo_minilm(session: requests.Session, url: str) -> None:
     assert all(math.isclose(float(np.linalg.norm(row)), 1.0, rel_tol=1e-4) for row in embeddings)
 
 
+def demo_ner(session: requests.Session, url: str) -> None:
+    sentences = [
+        "Angela Merkel met Emmanuel Macron in Paris before flying back to Berlin.",
+        "Satya Nadella said Microsoft will open an office in Nairobi with the World Bank.",
+    ]
+    answer = session.post(f"{url}/predictions/ner", json={"inputs": sentences}, timeout=60).json()
+    for sentence, entities in zip(sentences, answer, strict=True):
+        print(sentence)
+        for entity in entities:
+            print(f"  {entity['entity_group']:>3} {entity['score']:.3f}  {entity['word']!r}")
+
+
 DEMOS: dict[str, Callable[[requests.Session, str], None]] = {
     "mnist.mar": demo_mnist,
     "sentiment.mar": demo_sentiment,
     "minilm.mar": demo_minilm,
+    "ner.mar": demo_ner,
 }
 
 

@@ -29,6 +29,7 @@ from harness import (
 from torch import nn
 
 from ts_handlers import build, text_classification
+from ts_handlers.text import MAX_TEXTS_PER_REQUEST
 from ts_handlers.text_classification import TransformerClassificationHandler, load_classifier
 
 LABELS = list(TINY_TEXT_LABELS.values())
@@ -320,7 +321,11 @@ BAD_INPUTS = {
     "top_k bool": (parsed_json({"inputs": "x", "top_k": True}), 400, "top_k must be an int"),
     "top_k header": (plain("x", **{"X-Top-K": "lots"}), 400, "top_k"),
     "truncate not bool": (parsed_json({"inputs": "x", "truncate": "maybe"}), 400, "truncate"),
-    "too many texts": (parsed_json({"inputs": ["x"] * 1025}), 413, "limit is 1024"),
+    "too many texts": (
+        parsed_json({"inputs": ["x"] * (MAX_TEXTS_PER_REQUEST + 1)}),
+        413,
+        f"limit is {MAX_TEXTS_PER_REQUEST}",
+    ),
 }
 
 
@@ -446,6 +451,19 @@ def test_explanations_need_captum_explanation_true(text_handlers, monkeypatch):
 # ---- explanation limits and scheduling (docs/text_classification.md, "Explanation cost") -----
 
 
+class Clock:
+    """A monotonic clock the test moves; every explanation takes EXPLANATION_SECONDS on it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+EXPLANATION_SECONDS = 10.0
+
+
 @pytest.fixture
 def explainer(text_handlers, monkeypatch):
     """The pretrained handler at 4 steps, with a budget of one max_length text per batch."""
@@ -457,8 +475,19 @@ def explainer(text_handlers, monkeypatch):
         max_explanation_texts=3,
     )
     monkeypatch.setattr(handler, "config", config)
-    run_batch(handler, [plain("tea")])  # a batch with no explanation: no history to yield to
-    return handler
+    clock = Clock()
+    monkeypatch.setattr(handler, "_clock", clock)
+    monkeypatch.setattr(handler, "_predictions_first_until", 0.0)  # no earlier schedule
+    explain_inputs = handler.explain_inputs
+
+    def slow_explain(inputs, decoded):
+        clock.now += EXPLANATION_SECONDS
+        return explain_inputs(inputs, decoded)
+
+    monkeypatch.setattr(handler, "explain_inputs", slow_explain)
+    handler.clock = clock
+    yield handler
+    del handler.clock
 
 
 def test_explanation_requests_over_a_limit_get_413_before_any_work(explainer, monkeypatch):
@@ -484,9 +513,8 @@ def test_explanation_requests_over_a_limit_get_413_before_any_work(explainer, mo
 
 
 def test_explanations_past_the_batch_budget_get_429_with_retry_after(explainer):
-    text = SENTENCES[1]
-    tokens = len(explainer.tokenizer(text, truncation=True, max_length=32)["input_ids"])
-    assert 2 * tokens > explainer.config.max_length  # two of them do not fit one batch
+    text = SENTENCES[1]  # a text counts at least MIN_EXPLANATION_TOKENS: two do not fit
+    assert explainer.config.max_length == text_classification.MIN_EXPLANATION_TOKENS
     results = run_batch(explainer, [plain(text, explain="True"), plain(text, explain="True")])
     assert [status for status, _, _ in results] == [200, 429]
     _, body, headers = results[1]
@@ -496,18 +524,21 @@ def test_explanations_past_the_batch_budget_get_429_with_retry_after(explainer):
     assert "Retry-After" not in results[0][2]
 
 
-def test_a_batch_with_predictions_runs_no_explanations_right_after_one_that_did(explainer, eager):
+def test_predictions_get_as_much_time_as_the_explanation_work_before_them(explainer, eager):
     explain_one = plain("the movie was great", explain="True")
     first = run_batch(explainer, [explain_one, plain(SENTENCES[2])])
-    assert [status for status, _, _ in first] == [200, 200]
+    assert [status for status, _, _ in first] == [200, 200]  # took 10 s on the clock
+    explainer.clock.now += 4
     second = run_batch(explainer, [explain_one, plain(SENTENCES[2]), explain_one])
     assert [status for status, _, _ in second] == [429, 200, 429]
     assert "predictions go first" in second[0][1]["message"]
+    assert second[0][2]["Retry-After"] == "6"  # the rest of the 10 s
     assert_answer(second[1][1], eager(SENTENCES[2]))
-    third = run_batch(explainer, [explain_one, plain(SENTENCES[2])])  # explanations' turn
-    assert [status for status, _, _ in third] == [200, 200]
     alone = run_batch(explainer, [explain_one])  # no prediction waits: nothing to yield to
     assert [status for status, _, _ in alone] == [200]
+    explainer.clock.now += EXPLANATION_SECONDS  # the predictions' turn is over
+    third = run_batch(explainer, [explain_one, plain(SENTENCES[2])])
+    assert [status for status, _, _ in third] == [200, 200]
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,10 @@ def test_explanations_are_refused_with_a_4xx(batch):
     [(code, body, _)] = batch([({"body": PNG}, body_headers("", explain="True"))])
     assert code == 400
     assert "explanations" in body["message"]
+    # No explanation budget: nothing is deferred with 429, batch after batch.
+    for _ in range(2):
+        mixed = batch([({"body": PNG}, body_headers("", explain="True")), ({"body": PNG}, {})])
+        assert [code for code, _, _ in mixed] == [400, 200]
 
 
 def test_preprocessing_matches_the_configured_normalisation():

@@ -41,6 +41,9 @@ ConfigT = TypeVar("ConfigT", bound=HandlerConfig)
 
 JSON_CONTENT_TYPE = "application/json"
 BATCH_SIZE_HEADER = "X-Batch-Size"
+# The Retry-After of an explanation deferred because its batch's budget was taken: the worker
+# takes the next batch as soon as this one is answered, and the request has waited through this.
+EXPLANATION_RETRY_AFTER_S = 1
 # Config keys naming files on the build machine: never part of a describe answer.
 PRIVATE_CONFIG_KEYS = ("model_name", "serialized_file", "model_file")
 # An absolute POSIX, home-relative, Windows or file:// path inside a string.
@@ -67,10 +70,10 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         self.model: Callable[..., Any] | None = None
         self.export_metadata: dict[str, Any] = {}
         self.labels: list[str] | None = None
-        # Explanation scheduling (see _explain): whether the last batch ran explanation work,
-        # and how long the last explanation work took (the Retry-After of a deferred request).
-        self._explained_last_batch = False
-        self._explanation_seconds = 1.0
+        # Explanation scheduling (see _explain): until when batches holding predictions run no
+        # explanations, on this clock.
+        self._clock: Callable[[], float] = time.monotonic
+        self._predictions_first_until = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
                 logger.exception("decoding request %d failed", index)
                 answers[index] = self._internal_error(context, index)
 
-        self._explained_last_batch = self._explain(context, explain, answers, bool(decoded))
+        self._explain(context, explain, answers, bool(decoded))
         if decoded:
             self._predict(context, decoded, answers)
 
@@ -242,27 +245,31 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         explain: dict[int, tuple[Decoded, int]],
         answers: list[Any],
         predictions: bool,
-    ) -> bool:
+    ) -> None:
         """Runs the explanations that fit this batch's budget; the rest get 429 + Retry-After.
 
         TorchServe sends a batch's answers together when ``handle`` returns, and the worker takes
         no new batch before that, so explanation work delays every prediction in its batch and
-        every request queued behind it. Two rules bound that delay to one budget's worth of work:
-        a batch spends at most ``explanation_budget`` on explanations (the requests in batch
-        order that fit), and a batch that holds predictions runs no explanations when the batch
-        before it did. So a prediction waits behind at most one batch of explanation work, and
-        explanations still get every other batch however many predictions come in. Returns
-        whether any explanation ran.
+        every request queued behind it. Two rules bound that:
+
+        * a batch spends at most ``explanation_budget`` on explanations (the requests, in batch
+          order, that fit), so a prediction waits behind at most one budget of work;
+        * after explanation work that took T seconds, batches that hold predictions run no
+          explanations for the next T seconds, so while both wait, predictions get at least
+          half of the worker's time, and explanations the rest (all of it when no prediction
+          comes).
         """
         if not explain:
-            return False
+            return
         limit = self.explanation_budget()
         budget = None if limit is None else limit[0]
-        yield_to_predictions = predictions and self._explained_last_batch
+        started = self._clock()
+        yield_to_predictions = (
+            limit is not None and predictions and started < self._predictions_first_until
+        )
         if yield_to_predictions:
             budget = 0
         spent, deferred, ran = 0, [], False
-        started = time.monotonic()
         for index, (item, cost) in explain.items():
             if budget is not None and spent + cost > budget:
                 deferred.append(index)
@@ -273,17 +280,21 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
                 context, index, lambda item=item: self.explain_inputs(item.inputs, item)
             )
         if ran:
-            self._explanation_seconds = time.monotonic() - started
+            finished = self._clock()
+            self._predictions_first_until = finished + (finished - started)
         if not deferred:
-            return ran
+            return
         assert limit is not None
-        retry_after = max(1, math.ceil(self._explanation_seconds))
         if yield_to_predictions:
+            retry_after = max(
+                EXPLANATION_RETRY_AFTER_S, math.ceil(self._predictions_first_until - started)
+            )
             reason = (
-                "predictions go first: the previous batch ran explanations, so this batch, "
-                "which holds predictions, runs none"
+                "predictions go first: after explanation work, batches that hold predictions "
+                "run none for as long as it took"
             )
         else:
+            retry_after = EXPLANATION_RETRY_AFTER_S
             reason = "earlier explanation requests in this batch took its share"
         error = TooManyRequests(
             f"explanation work per batch is limited to {limit[0]} ({limit[1]}) and {reason}; "
@@ -293,7 +304,6 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
         logger.info("%d explanation requests deferred: 429", len(deferred))
         for index in deferred:
             answers[index] = self._reject(context, index, error)
-        return ran
 
     def _run_forward(self, inputs: list[Any]) -> list[Any]:
         with torch.inference_mode():

@@ -54,7 +54,7 @@ class Task:
 
 def _tasks() -> dict[str, Task]:
     """Mode -> task. A new task is one more line here and one module with its handler."""
-    from ts_handlers import embeddings, text_classification, vision
+    from ts_handlers import embeddings, text_classification, token_classification, vision
 
     return {
         "image_classification": Task(
@@ -69,6 +69,11 @@ def _tasks() -> dict[str, Task]:
             embeddings.SentenceEmbeddingConfig,
             "ts_handlers.embeddings:handle",
             embeddings.prepare_export,
+        ),
+        "token_classification": Task(
+            token_classification.TokenClassificationConfig,
+            "ts_handlers.token_classification:handle",
+            token_classification.prepare_export,
         ),
     }
 

@@ -5,7 +5,9 @@ JSON string or list. Each text is tokenized when its request is decoded (so a te
 long can be refused on its own), and the batch is collated in ``forward``: inputs are sorted by
 length, cut into groups of ``inference_batch_size``, each group padded only to its own longest
 sequence (or to ``max_length`` when the export verified only that shape), and the original order
-is restored.
+is restored. Before any model work a request is held to ``max_texts_per_request``,
+``max_tokens_per_request`` and an answer of at most ``max_response_size`` bytes, and a text is
+cut to ``max_length`` x CHARS_PER_TOKEN characters before tokenizing (docs/limits.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ts_handlers.base import Decoded, TaskHandler
-from ts_handlers.config import ConfigError, HandlerConfig
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan, one_at_a_time
 from ts_handlers.payload import Request, bool_option, reject_unknown_fields
@@ -36,18 +38,18 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "config.json",
 )
-# Defaults of the per-request limits (docs/limits.md); setup_config.json may change them.
-MAX_TEXTS_PER_REQUEST = 1024
-# TEI's max_batch_tokens default is 16384 per batch on a GPU; this is per request, and a full
-# TorchServe batch of such requests must finish inside responseTimeout on CPU (docs/limits.md).
-MAX_TOKENS_PER_REQUEST = 4096
+# Defaults of the per-request limits (docs/limits.md); setup_config.json may change them. Each
+# text costs a share of a forward call however short it is (inference_batch_size per call).
+MAX_TEXTS_PER_REQUEST = 256
+# text-embeddings-inference's max_batch_tokens is 16384 per batch on a GPU; this is per request,
+# and a full TorchServe batch of such requests must finish inside responseTimeout on a small CPU
+# (measured on 2 cores: docs/limits.md).
+MAX_TOKENS_PER_REQUEST = 2048
 # A bound on the characters one token stands for in ordinary text (English averages about 4,
 # the longest WordPiece/BPE vocabulary entries about 20). With truncation on, a text is cut to
 # max_length x CHARS_PER_TOKEN characters before tokenizing, so tokenizing costs O(max_length)
 # whatever its length; the first max_length tokens of ordinary text are the same either way.
 CHARS_PER_TOKEN = 32
-# How limit messages name where a limit is set.
-CONFIG_KEY = "setup_config.json"
 # curl -d sends application/x-www-form-urlencoded, and TorchServe parses such a body into form
 # fields (plain text becomes a field name, or nothing at all), so the handler gets no body.
 FORM_URLENCODED = "application/x-www-form-urlencoded"
@@ -102,6 +104,10 @@ class Tokenized:
 
     input_ids: list[int]
     text: str
+    # With ``TextHandler.token_outputs``: each token's (start, end) in ``text``, and 1 for the
+    # tokens the tokenizer added ([CLS], [SEP], <s>, ...); None otherwise.
+    offsets: list[tuple[int, int]] | None = None
+    special_tokens_mask: list[int] | None = None
 
 
 class TextHandler(TaskHandler[Any]):
@@ -109,6 +115,10 @@ class TextHandler(TaskHandler[Any]):
 
     # JSON keys (besides "inputs") a task accepts as per-request options.
     request_options: ClassVar[tuple[str, ...]] = ()
+    # True for a task that answers per token (token classification): ``tokenize`` keeps the
+    # character offsets and the special-tokens mask, and ``forward`` cuts each text's output
+    # rows to its own tokens.
+    token_outputs: ClassVar[bool] = False
 
     def setup(self) -> None:
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -146,7 +156,7 @@ class TextHandler(TaskHandler[Any]):
                 raise PayloadTooLarge(
                     f"inputs[:{index + 1}] are already {tokens} tokens after truncation; the "
                     f"limit is {self.config.max_tokens_per_request} tokens per request "
-                    f"({CONFIG_KEY} max_tokens_per_request). Send fewer or shorter texts"
+                    f"({SETUP_CONFIG_FILE} max_tokens_per_request). Send fewer or shorter texts"
                 )
             inputs.append(item)
         return Decoded(inputs=inputs, options=options, single=single)
@@ -172,7 +182,7 @@ class TextHandler(TaskHandler[Any]):
             fits = max((limit - 2) // (per_text + 2), 0)
             raise PayloadTooLarge(
                 f"the answer to {count} texts could take {size} bytes, over the limit of "
-                f"{limit} ({CONFIG_KEY} max_response_size, TorchServe's max_response_size); "
+                f"{limit} ({SETUP_CONFIG_FILE} max_response_size, TorchServe's max_response_size); "
                 f"send at most {fits} texts per request"
             )
 
@@ -188,7 +198,7 @@ class TextHandler(TaskHandler[Any]):
         if chars > budget:
             raise PayloadTooLarge(
                 f"the texts are {chars} characters (each counted up to {cut}); the limit of "
-                f"{self.config.max_tokens_per_request} tokens per request ({CONFIG_KEY} "
+                f"{self.config.max_tokens_per_request} tokens per request ({SETUP_CONFIG_FILE} "
                 f"max_tokens_per_request) reads at most {budget} characters, "
                 f"{CHARS_PER_TOKEN} per token. Send fewer or shorter texts"
             )
@@ -208,7 +218,7 @@ class TextHandler(TaskHandler[Any]):
             if len(payload) > limit:
                 raise PayloadTooLarge(
                     f"{len(payload)} texts in one request; the limit is {limit} "
-                    f"({CONFIG_KEY} max_texts_per_request)"
+                    f"({SETUP_CONFIG_FILE} max_texts_per_request)"
                 )
             for index, item in enumerate(payload):
                 if not isinstance(item, str):
@@ -253,13 +263,26 @@ class TextHandler(TaskHandler[Any]):
         if self.config.do_lower_case:
             text = text.lower()
         # One tokenizer pass: truncate while tokenizing, or count every token to refuse.
-        input_ids = self.tokenizer(text, truncation=truncate, max_length=max_length)["input_ids"]
+        per_token = self.token_outputs
+        encoding = self.tokenizer(
+            text,
+            truncation=truncate,
+            max_length=max_length,
+            return_offsets_mapping=per_token,
+            return_special_tokens_mask=per_token,
+        )
+        input_ids = encoding["input_ids"]
         if len(input_ids) > max_length:
             raise PayloadTooLarge(
                 f"inputs[{index}] is {len(input_ids)} tokens; this model reads at most "
                 f"{max_length}. Shorten it or send truncate: true"
             )
-        return Tokenized(input_ids=input_ids, text=text)
+        return Tokenized(
+            input_ids=input_ids,
+            text=text,
+            offsets=encoding.get("offset_mapping"),
+            special_tokens_mask=encoding.get("special_tokens_mask"),
+        )
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -273,7 +296,10 @@ class TextHandler(TaskHandler[Any]):
             input_ids, attention_mask = self.collate([inputs[i] for i in group])
             results = self.run_model(input_ids.to(self.device), attention_mask.to(self.device))
             for position, index in enumerate(group):
-                outputs[index] = results[position].cpu()
+                row = results[position]
+                if self.token_outputs:  # (padded width, ...) -> this text's own tokens
+                    row = row[: len(inputs[index].input_ids)]
+                outputs[index] = row.cpu()
         return outputs
 
     def collate(self, items: Sequence[Tokenized]) -> tuple[torch.Tensor, torch.Tensor]:

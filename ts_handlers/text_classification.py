@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point, top_k_labels
-from ts_handlers.config import ConfigError
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
@@ -44,6 +44,10 @@ from ts_handlers.text import (
 
 # transformers.pipeline's ``function_to_apply`` values.
 FUNCTIONS = ("softmax", "sigmoid", "none")
+# An explanation has a cost per text whatever its length (a forward for the prediction,
+# captum's set-up, small kernels): measured on 2 cores, a text of up to about 32 tokens costs
+# about what a 32-token text costs, so every text counts as at least this many tokens.
+MIN_EXPLANATION_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -64,10 +68,11 @@ class TextClassificationConfig(TextConfig):
     # backward on steps x tokens positions, so its cost is counted in token-steps.
     explanation_steps: int = 50
     # Texts in one explanation request; more: 413.
-    max_explanation_texts: int = 8
+    max_explanation_texts: int = 4
     # Explanation work one handled batch may run: the sum of tokens x explanation_steps over
-    # its explanation texts (6400 = one max_length text at 50 steps, about 6 s on 2 CPU cores).
-    # A request over it alone: 413; requests past it in a batch: 429 with Retry-After.
+    # its explanation texts, each counted as at least MIN_EXPLANATION_TOKENS tokens (6400: one
+    # text of 128 tokens, or four short ones, at 50 steps). A request over it alone: 413;
+    # requests past it in a batch: 429 with Retry-After (docs/text_classification.md).
     max_explanation_token_steps: int = 6400
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
@@ -88,7 +93,7 @@ class TextClassificationConfig(TextConfig):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
-        worst = self.max_length * self.explanation_steps
+        worst = max(self.max_length, MIN_EXPLANATION_TOKENS) * self.explanation_steps
         if self.captum_explanation and worst > self.max_explanation_token_steps:
             raise ConfigError(
                 f"explaining one text of max_length {self.max_length} tokens at "
@@ -203,22 +208,26 @@ class TransformerClassificationHandler(TextHandler):
         if texts > config.max_explanation_texts:
             raise PayloadTooLarge(
                 f"{texts} texts in one explanation request; the limit is "
-                f"{config.max_explanation_texts} (max_explanation_texts). Send them in "
-                "several requests"
+                f"{config.max_explanation_texts} ({SETUP_CONFIG_FILE} max_explanation_texts). "
+                "Send them in several requests"
             )
-        tokens = sum(len(item.input_ids) for item in decoded.inputs)
+        tokens = sum(max(len(item.input_ids), MIN_EXPLANATION_TOKENS) for item in decoded.inputs)
         cost = tokens * config.explanation_steps
         if cost > config.max_explanation_token_steps:
             raise PayloadTooLarge(
-                f"explaining these {texts} texts is {tokens} tokens x {config.explanation_steps} "
-                f"steps = {cost} token-steps; one batch runs at most "
-                f"{config.max_explanation_token_steps} (max_explanation_token_steps). Send fewer "
-                "or shorter texts per request"
+                f"explaining these {texts} texts counts {tokens} tokens (each at least "
+                f"{MIN_EXPLANATION_TOKENS}) x {config.explanation_steps} steps = {cost} "
+                "token-steps; one batch runs at most "
+                f"{config.max_explanation_token_steps} ({SETUP_CONFIG_FILE} "
+                "max_explanation_token_steps). Send fewer or shorter texts per request"
             )
         return cost
 
     def explanation_budget(self) -> tuple[int, str]:
-        return self.config.max_explanation_token_steps, "max_explanation_token_steps"
+        return (
+            self.config.max_explanation_token_steps,
+            f"{SETUP_CONFIG_FILE} max_explanation_token_steps",
+        )
 
     def explain_inputs(self, inputs: list[Tokenized], decoded: Decoded) -> Any:
         self._check_explains()

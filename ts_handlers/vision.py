@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from ts_handlers.base import Decoded, TaskHandler, entry_point, top_k_labels
-from ts_handlers.config import ConfigError, HandlerConfig
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
 from ts_handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ts_handlers.export import ExportPlan
 from ts_handlers.payload import Request, decode_base64, int_option, reject_unknown_fields
@@ -103,13 +103,13 @@ def open_image(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Im
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"the image is {width}x{height} = {width * height} pixels; "
-            f"this model accepts at most {max_pixels} (setup_config.json max_image_pixels)"
+            f"this model accepts at most {max_pixels} ({SETUP_CONFIG_FILE} max_image_pixels)"
         )
     size = decoded_bytes(image)
     if max_bytes is not None and size > max_bytes:
         raise PayloadTooLarge(
             f"the image is {width}x{height} {image.mode} and decodes to {size} bytes; this "
-            f"model accepts at most {max_bytes} (setup_config.json max_image_bytes). Send it "
+            f"model accepts at most {max_bytes} ({SETUP_CONFIG_FILE} max_image_bytes). Send it "
             "smaller, or with 8 bits per sample"
         )
     try:

@@ -1,0 +1,187 @@
+"""TokenClassificationHandler == transformers.pipeline("token-classification"), no server.
+
+A tiny random BERT (WordPiece) and RoBERTa (byte-level BPE) token classifier with BIO labels are
+built from configs here, taken through the real build (trace, verify, archive) and served from
+the unpacked archive; every aggregation strategy is compared with the pipeline on the same
+checkpoint, with the archive's truncation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import (
+    TINY_TEXT_MAX_LENGTH,
+    body_headers,
+    make_bpe_tokenizer,
+    make_context,
+    make_tiny_tokenizer,
+    run_batch,
+    unpack_archive,
+)
+
+from ts_handlers.build import build_archive
+from ts_handlers.config import ConfigError
+from ts_handlers.token_classification import STRATEGIES, TokenClassificationHandler
+
+LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+TOLERANCE = 1e-4
+LONG = "the battery died after two days in Reykjavik, said Ms. Oyelaran-Whitfield. " * 6
+TEXTS = [
+    "Angela Merkel visited Paris and Berlin last week.",
+    "the movie was great",
+    "WHAT A WONDERFUL SURPRISE from Jean-Luc Picard!!!",
+    "Dr. O'Neill flew from São Paulo to New York, via Zürich.",
+    "tea",
+    "Microsoft and Apple opened offices in Tokyo; Satya Nadella said so.",
+    LONG,  # over max_length: truncated, as the pipeline truncates
+    "service was slow but the food was really tasty 😊 at Café Müller",
+]
+# family -> (config class, model class, tokenizer factory, extra config keys)
+FAMILIES = {
+    "bert": ("BertConfig", "BertForTokenClassification", make_tiny_tokenizer, {}),
+    # RoBERTa's positions start after the padding index: two more rows than tokens.
+    "roberta": (
+        "RobertaConfig",
+        "RobertaForTokenClassification",
+        make_bpe_tokenizer,
+        {"max_position_embeddings": TINY_TEXT_MAX_LENGTH + 2},
+    ),
+}
+
+
+def json_request(payload: Any, **headers: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"body": payload}, body_headers("application/json", **headers)
+
+
+def save_checkpoint(folder: Path, family: str) -> Path:
+    import torch
+    import transformers
+
+    config_name, model_name, make_tokenizer, extra = FAMILIES[family]
+    tokenizer = make_tokenizer()
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 48,
+        "max_position_embeddings": TINY_TEXT_MAX_LENGTH,
+        "initializer_range": 0.5,  # wide, so the predicted labels vary from token to token
+        "id2label": dict(enumerate(LABELS)),
+        "label2id": {label: i for i, label in enumerate(LABELS)},
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = getattr(transformers, config_name)(**{**settings, **extra})
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_config(config_dir: Path, checkpoint: Path, **setup: Any) -> Path:
+    config_dir.mkdir(parents=True)
+    setup = {
+        "mode": "token_classification",
+        "model_name": str(checkpoint),
+        "max_length": TINY_TEXT_MAX_LENGTH,
+        "inference_batch_size": 3,  # several sorted, padded groups per batch
+        **setup,
+    }
+    (config_dir / "setup_config.json").write_text(json.dumps(setup))
+    (config_dir / "model-config.yaml").write_text("batchSize: 8\nmaxBatchDelay: 10\n")
+    return config_dir
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def served(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """(handler loaded from the built archive, the pipeline factory for its checkpoint)."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+    root = tmp_path_factory.mktemp(f"ner_{request.param}")
+    checkpoint = save_checkpoint(root / "checkpoint", request.param)
+    mar_path = build_archive(write_config(root / "ner", checkpoint), root / "store", force=True)
+    assert mar_path is not None
+    manifest = unpack_archive(mar_path, root / "model")
+    handler = TokenClassificationHandler()
+    handler.initialize(make_context(root / "model", manifest))
+
+    model = AutoModelForTokenClassification.from_pretrained(str(checkpoint)).eval()
+    # The pipeline truncates at the tokenizer's model_max_length: the archive's max_length.
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(checkpoint), model_max_length=TINY_TEXT_MAX_LENGTH
+    )
+
+    def oracle(strategy: str) -> Any:
+        return pipeline(
+            "token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=strategy
+        )
+
+    return handler, oracle
+
+
+def score_difference(served: list[list[dict]], expected: list[list[dict]]) -> float:
+    """Every field equal but the score; returns the largest score difference."""
+    worst = 0.0
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected, strict=True):
+        assert [{**e, "score": 0} for e in got] == [{**e, "score": 0} for e in want]
+        for got_entity, want_entity in zip(got, want, strict=True):
+            worst = max(worst, abs(got_entity["score"] - float(want_entity["score"])))
+    return worst
+
+
+def test_every_strategy_answers_as_the_pipeline(served) -> None:
+    handler, oracle = served
+    requests = [json_request({"inputs": TEXTS, "aggregation_strategy": s}) for s in STRATEGIES]
+    requests.append(json_request({"inputs": TEXTS}))  # the archive's default: simple
+    requests.append(json_request(TEXTS[0], **{"X-Aggregation-Strategy": "first"}))
+    results = run_batch(handler, requests)  # one TorchServe batch
+    assert [status for status, _, _ in results] == [200] * len(requests), results
+    assert results[0][2]["X-Batch-Size"] == str(len(STRATEGIES) * len(TEXTS) + len(TEXTS) + 1)
+    answers = {s: results[i][1] for i, s in enumerate(STRATEGIES)}
+    for strategy, answer in answers.items():
+        assert score_difference(answer, oracle(strategy)(TEXTS)) <= TOLERANCE, strategy
+    assert score_difference(results[len(STRATEGIES)][1], answers["simple"]) <= TOLERANCE
+    assert score_difference([results[-1][1]], [oracle("first")(TEXTS[0])]) <= TOLERANCE
+
+    # Guards: the random model finds entities, and the strategies give different answers.
+    assert sum(len(entities) for entities in answers["simple"]) >= len(TEXTS)
+    assert {"entity", "index"} <= set(answers["none"][0][0])
+    assert len({json.dumps(answer) for answer in answers.values()}) == len(STRATEGIES)
+    # The long text was truncated: no entity after its first max_length tokens.
+    long_tokens = handler.tokenize(LONG, 0)
+    assert len(long_tokens.input_ids) == TINY_TEXT_MAX_LENGTH
+    last_end = max(end for _, end in long_tokens.offsets)
+    assert all(entity["end"] <= last_end for entity in answers["none"][TEXTS.index(LONG)])
+
+
+def test_a_bad_strategy_or_a_long_text_is_refused_alone(served) -> None:
+    handler, oracle = served
+    results = run_batch(
+        handler,
+        [
+            json_request({"inputs": "Paris", "aggregation_strategy": "longest"}),
+            json_request({"inputs": LONG, "truncate": False}),
+            json_request(TEXTS[0]),
+        ],
+    )
+    status, body, _ = results[0]
+    assert status == 400 and body["type"] == "InvalidInput"
+    assert "none, simple, first, average, max" in body["message"]
+    assert results[1][0] == 413
+    assert results[2][0] == 200
+    assert score_difference([results[2][1]], [oracle("simple")(TEXTS[0])]) <= TOLERANCE
+
+
+def test_a_bad_config_is_refused_at_build(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "no-checkpoint"
+    bad = write_config(tmp_path / "bad", checkpoint, aggregation_strategy="longest")
+    with pytest.raises(ConfigError, match="aggregation_strategy='longest'.*'none', 'simple'"):
+        build_archive(bad, tmp_path / "store", force=True)
+    eager = write_config(tmp_path / "eager", checkpoint, save_mode="pretrained")
+    with pytest.raises(ConfigError, match="save_mode='pretrained' is not supported"):
+        build_archive(eager, tmp_path / "store", force=True)
