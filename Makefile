@@ -18,7 +18,7 @@ archives: setup
 	$(PY) scripts/train_sentiment.py
 	$(PY) scripts/train_ner.py
 	$(PY) scripts/fetch_minilm.py
-	$(PY) -m ts_handlers.build --all
+	$(PY) -m ts_handlers.tools.build --all
 
 demo: archives
 	$(PY) scripts/demo.py

@@ -218,7 +218,7 @@ def load_test(
 
 def build_padded_archive(store: Path) -> Path:
     """minilm's own setup_config.json, with every input padded to 128 tokens."""
-    from ts_handlers.build import build_archive
+    from ts_handlers.tools.build import build_archive
 
     config_dir = store.parent / PADDED
     config_dir.mkdir()
@@ -243,7 +243,7 @@ def bench_served(
     max_requests: int,
     threads: int | None = None,
 ) -> list[Cell]:
-    from ts_handlers.server import LocalTorchServe
+    from ts_handlers.tools.server import LocalTorchServe
 
     cells = []
     with tempfile.TemporaryDirectory(prefix="ts-handlers-bench-") as tmp:

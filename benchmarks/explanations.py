@@ -34,7 +34,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embeddings import CpuMeter, percentile  # noqa: E402
 
-from ts_handlers.server import LocalTorchServe  # noqa: E402
+from ts_handlers.tools.server import LocalTorchServe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_STORE = ROOT / "model_store"

@@ -13,7 +13,7 @@ import pytest
 import requests
 from serving import ARCHIVES, DIGITS_HELDOUT, MODEL_STORE, require
 
-from ts_handlers.server import LocalTorchServe
+from ts_handlers.tools.server import LocalTorchServe
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from serving import MODEL_STORE, ROOT, png_bytes
 
-from ts_handlers.build import build_archive
-from ts_handlers.server import LocalTorchServe
+from ts_handlers.tools.build import build_archive
+from ts_handlers.tools.server import LocalTorchServe
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def manifest_handler(mar: Path) -> str:
 
 def test_plugin_archive_carries_no_handler_code(torchserve, inference, heldout_digits):
     mar = MODEL_STORE / "mnist.mar"
-    assert manifest_handler(mar) == "ts_handlers.vision:handle"
+    assert manifest_handler(mar) == "ts_handlers.image_classification:handle"
     assert python_files(mar) == []
     response = inference.post(
         f"{torchserve.inference_url}/predictions/mnist", data=png_bytes(heldout_digits[0][0])
@@ -66,7 +66,7 @@ def test_self_contained_archive_serves_on_stock_torchserve(stock_python, tmp_pat
         ROOT / "archiver_configs/mnist", store, name="mnist_standalone", self_contained=True
     )
     assert mar is not None
-    assert "ts_handlers/vision.py" in python_files(mar)
+    assert "ts_handlers/image_classification.py" in python_files(mar)
     assert manifest_handler(mar) == "ts_handlers_entry.py"
     images, labels = heldout_digits
     with LocalTorchServe(store, [mar.name], python=stock_python) as server:

@@ -33,8 +33,8 @@ import requests
 from PIL import Image
 from serving import MODEL_STORE, require
 
-from ts_handlers.server import LocalTorchServe
-from ts_handlers.text_classification import MIN_EXPLANATION_TOKENS
+from ts_handlers.sequence_classification import MIN_EXPLANATION_TOKENS
+from ts_handlers.tools.server import LocalTorchServe
 
 MODEL = "sentiment"
 CONCURRENCY = 32

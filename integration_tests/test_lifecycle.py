@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from serving import MODEL_STORE, require
 
-from ts_handlers.client import TorchServeError
+from ts_handlers.tools.client import TorchServeError
 
 ARCHIVE = "minilm.mar"
 NAME = "minilm_lifecycle"

@@ -21,9 +21,9 @@ from harness import PROBLEM_TYPES, TINY_TEXT_MAX_LENGTH, save_tiny_classifier, w
 from PIL import Image
 from torch import nn
 
-from ts_handlers.build import build_archive
-from ts_handlers.server import LocalTorchServe
-from ts_handlers.vision import ImageClassifierConfig, image_to_tensor
+from ts_handlers.image_classification import ImageClassificationConfig, image_to_tensor
+from ts_handlers.tools.build import build_archive
+from ts_handlers.tools.server import LocalTorchServe
 
 TEXTS = [
     "the movie was great",
@@ -161,7 +161,7 @@ def test_the_users_own_vision_model_is_served_as_it_answers(
 ) -> None:
     images = [png(seed) for seed in range(8)]
     responses = post_all(server, model, images)
-    config = ImageClassifierConfig(
+    config = ImageClassificationConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in RGB_SETUP.items()}
     )
     reference = built["vision"][model]

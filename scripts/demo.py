@@ -17,7 +17,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from ts_handlers.server import LocalTorchServe
+from ts_handlers.tools.server import LocalTorchServe
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_STORE = ROOT / "model_store"

@@ -25,8 +25,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from ts_handlers.config import load_config
-from ts_handlers.models import SmallCNN
-from ts_handlers.vision import ImageClassifierConfig, image_to_tensor
+from ts_handlers.image_classification import ImageClassificationConfig, image_to_tensor
+from ts_handlers.tools.models import SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
 MIN_ACCURACY = 0.95
@@ -40,7 +40,7 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def to_tensors(images: np.ndarray, config: ImageClassifierConfig) -> torch.Tensor:
+def to_tensors(images: np.ndarray, config: ImageClassificationConfig) -> torch.Tensor:
     return torch.stack(
         [image_to_tensor(Image.fromarray(image, mode="L"), config) for image in images]
     )
@@ -49,7 +49,8 @@ def to_tensors(images: np.ndarray, config: ImageClassifierConfig) -> torch.Tenso
 def train(args: argparse.Namespace) -> float:
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = load_config(ImageClassifierConfig, ROOT / "archiver_configs/mnist/setup_config.json")
+    setup = ROOT / "archiver_configs/mnist/setup_config.json"
+    config = load_config(ImageClassificationConfig, setup)
     images, labels = digit_images()
     train_images, test_images, train_labels, test_labels = train_test_split(
         images, labels, test_size=0.2, stratify=labels, random_state=args.seed

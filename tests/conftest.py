@@ -18,8 +18,8 @@ from harness import (
     write_text_config,
 )
 
-from ts_handlers.build import build_archive
-from ts_handlers.models import SmallCNN
+from ts_handlers.tools.build import build_archive
+from ts_handlers.tools.models import SmallCNN
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def tiny_vision_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
             {
                 "mode": "image_classification",
                 "model_name": str(checkpoint),
-                "model_class": "ts_handlers.models:SmallCNN",
+                "model_class": "ts_handlers.tools.models:SmallCNN",
                 "image_size": [16, 16],
                 "top_k": 2,
                 "max_image_pixels": 1_000_000,
@@ -52,11 +52,11 @@ def tiny_vision_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vision_handler(tiny_vision_archive: Path, tmp_path_factory: pytest.TempPathFactory):
-    from ts_handlers.vision import ImageClassifierHandler
+    from ts_handlers.image_classification import ImageClassificationHandler
 
     model_dir = tmp_path_factory.mktemp("tiny_vision_model")
     manifest = unpack_archive(tiny_vision_archive, model_dir)
-    handler = ImageClassifierHandler()
+    handler = ImageClassificationHandler()
     handler.initialize(make_context(model_dir, manifest))
     return handler
 
@@ -106,7 +106,7 @@ def tiny_text_archives(
 def text_handlers(
     tiny_text_archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    """A TransformerClassificationHandler initialised from each unpacked archive."""
+    """A SequenceClassificationHandler initialised from each unpacked archive."""
     return {
         save_mode: load_text_handler(mar_path, tmp_path_factory.mktemp(f"tiny_text_{save_mode}"))
         for save_mode, mar_path in tiny_text_archives.items()

@@ -127,10 +127,10 @@ def write_text_config(config_dir: Path, checkpoint: Path, **setup: Any) -> Path:
 
 
 def load_text_handler(mar_path: Path, model_dir: Path) -> Any:
-    from ts_handlers.text_classification import TransformerClassificationHandler
+    from ts_handlers.sequence_classification import SequenceClassificationHandler
 
     manifest = unpack_archive(mar_path, model_dir)
-    handler = TransformerClassificationHandler()
+    handler = SequenceClassificationHandler()
     handler.initialize(make_context(model_dir, manifest))
     return handler
 

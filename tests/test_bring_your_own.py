@@ -29,9 +29,9 @@ from harness import (
 )
 from torch import nn
 
-from ts_handlers.build import build_archive
 from ts_handlers.config import ConfigError
-from ts_handlers.vision import ImageClassifierHandler
+from ts_handlers.image_classification import ImageClassificationHandler
+from ts_handlers.tools.build import build_archive
 
 TOLERANCE = 1e-4
 TEXTS = [
@@ -78,9 +78,9 @@ def build(config_dir: Path, store: Path) -> Path:
     return mar_path
 
 
-def vision_handler(mar_path: Path, model_dir: Path) -> ImageClassifierHandler:
+def vision_handler(mar_path: Path, model_dir: Path) -> ImageClassificationHandler:
     manifest = unpack_archive(mar_path, model_dir)
-    handler = ImageClassifierHandler()
+    handler = ImageClassificationHandler()
     handler.initialize(make_context(model_dir, manifest))
     return handler
 
@@ -163,7 +163,7 @@ def test_a_function_that_does_not_exist_is_refused(bert_single_label: Path, tmp_
     [(status, body, _)] = run_batch(
         handler, [json_request({"inputs": "tea", "function_to_apply": "relu"})]
     )
-    assert status == 400 and "softmax, sigmoid, none" in body["message"]
+    assert status == 400 and "choose one of 'softmax', 'sigmoid', 'none'" in body["message"]
     bad = write_text_config(tmp_path / "bad", bert_single_label, function_to_apply="relu")
     with pytest.raises(ConfigError, match="function_to_apply='relu'"):
         build_archive(bad, tmp_path / "store", force=True)
@@ -203,10 +203,10 @@ def test_a_wrong_labels_file_fails_the_load_of_an_archive_built_elsewhere(
     model_dir = tmp_path / "model"
     manifest = unpack_archive(mar_path, model_dir)
     write_labels(model_dir, {"0": "a", "1": "b"})
-    from ts_handlers.text_classification import TransformerClassificationHandler
+    from ts_handlers.sequence_classification import SequenceClassificationHandler
 
     with pytest.raises(ConfigError, match="has 2 names; the model outputs 3 classes"):
-        TransformerClassificationHandler().initialize(make_context(model_dir, manifest))
+        SequenceClassificationHandler().initialize(make_context(model_dir, manifest))
 
 
 def save_bert_with_tokenizer(folder: Path, tokenizer: Any, vocab_size: int) -> Path:
@@ -266,10 +266,10 @@ def test_a_swapped_tokenizer_fails_the_load(bert_single_label: Path, tmp_path: P
     make_bpe_tokenizer().save_pretrained(bpe_folder)  # 400 tokens for a 150-row table
     for path in bpe_folder.iterdir():
         shutil.copy2(path, model_dir / path.name)
-    from ts_handlers.text_classification import TransformerClassificationHandler
+    from ts_handlers.sequence_classification import SequenceClassificationHandler
 
     with pytest.raises(ConfigError, match="was not made for this model"):
-        TransformerClassificationHandler().initialize(make_context(model_dir, manifest))
+        SequenceClassificationHandler().initialize(make_context(model_dir, manifest))
 
 
 @pytest.mark.parametrize(
@@ -301,11 +301,11 @@ def test_explanations_find_the_embedding_layer_of_any_model(
     model_dir = tmp_path / "model"
     setup = json.loads((model_dir / "setup_config.json").read_text())
     (model_dir / "setup_config.json").write_text(json.dumps({**setup, "embedding_name": "bert"}))
-    from ts_handlers.text_classification import TransformerClassificationHandler
+    from ts_handlers.sequence_classification import SequenceClassificationHandler
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     with pytest.raises(ConfigError, match="does not name an embedding layer"):
-        TransformerClassificationHandler().initialize(make_context(model_dir, manifest))
+        SequenceClassificationHandler().initialize(make_context(model_dir, manifest))
 
 
 def test_explanations_on_a_torchscript_archive_are_refused_at_build(
@@ -371,13 +371,13 @@ def png(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def assert_serves_like(handler: ImageClassifierHandler, model: nn.Module) -> None:
+def assert_serves_like(handler: ImageClassificationHandler, model: nn.Module) -> None:
     """Every answer equals the model's own softmax on the same preprocessed image."""
     import io
 
     from PIL import Image
 
-    from ts_handlers.vision import image_to_tensor
+    from ts_handlers.image_classification import image_to_tensor
 
     images = [png(seed) for seed in range(6)]
     results = run_batch(

@@ -1,4 +1,4 @@
-"""Unit tests for ts_handlers.client against stub HTTP servers that answer like TorchServe 0.12.
+"""ts_handlers.tools.client against stub HTTP servers that answer like TorchServe 0.12.
 
 The canned bodies below were copied from a real TorchServe 0.12.0 (token auth on, model API
 enabled), so the tests pin the client to what the server really sends, including its quirks:
@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from ts_handlers.client import TorchServeClient, TorchServeError
+from ts_handlers.tools.client import TorchServeClient, TorchServeError
 
 INFERENCE_KEY = "xk593eaj"
 MANAGEMENT_KEY = "0IJ0kSQz"

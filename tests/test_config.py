@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from ts_handlers.config import ConfigError, HandlerConfig, load_config, parse_config
-from ts_handlers.vision import ImageClassifierConfig
+from ts_handlers.image_classification import ImageClassificationConfig
 
 
 def test_defaults_and_coercion():
-    config = parse_config(ImageClassifierConfig, {"image_size": [32, 32], "top_k": 1}, "test")
+    config = parse_config(ImageClassificationConfig, {"image_size": [32, 32], "top_k": 1}, "test")
     assert config.image_size == (32, 32)
     assert config.mean == (0.1307,)
     assert config.verify_atol == 1e-4
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         config.top_k = 3  # type: ignore[misc]
 
 
 def test_integers_are_accepted_where_floats_are_expected():
-    config = parse_config(ImageClassifierConfig, {"mean": [0], "std": [1]}, "test")
+    config = parse_config(ImageClassificationConfig, {"mean": [0], "std": [1]}, "test")
     assert config.mean == (0.0,) and isinstance(config.mean[0], float)
 
 
@@ -42,7 +42,7 @@ def test_integers_are_accepted_where_floats_are_expected():
 )
 def test_mistakes_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):
-        parse_config(ImageClassifierConfig, raw, "setup_config.json")
+        parse_config(ImageClassificationConfig, raw, "setup_config.json")
 
 
 def test_required_mode_for_the_base_config():
@@ -52,13 +52,13 @@ def test_required_mode_for_the_base_config():
 
 def test_load_config_reports_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="missing"):
-        load_config(ImageClassifierConfig, tmp_path / "setup_config.json")
+        load_config(ImageClassificationConfig, tmp_path / "setup_config.json")
     (tmp_path / "setup_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        load_config(ImageClassifierConfig, tmp_path / "setup_config.json")
+        load_config(ImageClassificationConfig, tmp_path / "setup_config.json")
 
 
 def test_round_trip_through_json(tmp_path):
-    config = parse_config(ImageClassifierConfig, {"image_size": [8, 9]}, "x")
+    config = parse_config(ImageClassificationConfig, {"image_size": [8, 9]}, "x")
     (tmp_path / "setup_config.json").write_text(json.dumps(config.to_dict()))
-    assert load_config(ImageClassifierConfig, tmp_path / "setup_config.json") == config
+    assert load_config(ImageClassificationConfig, tmp_path / "setup_config.json") == config

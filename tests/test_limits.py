@@ -9,7 +9,6 @@ as a different setup_config.json value would (the keys themselves go through the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import struct
@@ -35,9 +34,10 @@ from harness import (
 )
 from PIL import Image
 
-from ts_handlers.build import build_archive
 from ts_handlers.config import ConfigError, parse_config
-from ts_handlers.server import DEFAULT_MAX_RESPONSE_SIZE, PORT_NAMES, LocalTorchServe
+from ts_handlers.image_classification import ImageClassificationConfig, decoded_bytes
+from ts_handlers.payload import Request
+from ts_handlers.sequence_classification import SequenceClassificationConfig
 from ts_handlers.text import (
     CHARS_PER_TOKEN,
     MAX_FLOAT_CHARS,
@@ -45,8 +45,8 @@ from ts_handlers.text import (
     MAX_TOKENS_PER_REQUEST,
     answer_bytes,
 )
-from ts_handlers.text_classification import TextClassificationConfig
-from ts_handlers.vision import ImageClassifierConfig, decoded_bytes
+from ts_handlers.tools.build import build_archive
+from ts_handlers.tools.server import DEFAULT_MAX_RESPONSE_SIZE, PORT_NAMES, LocalTorchServe
 
 REPO = Path(__file__).resolve().parents[1]
 JSON = body_headers("application/json")
@@ -66,7 +66,7 @@ GOOD = ask({"inputs": "the movie was great"})
 def limits(handler: Any, **values: Any) -> Iterator[Any]:
     """The handler with some config values changed (checked as the config class checks them)."""
     config = handler.config
-    handler.config = dataclasses.replace(config, **values)
+    handler.config = config.replace(**values)
     try:
         yield handler
     finally:
@@ -114,7 +114,7 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Any:
     except ImportError:  # pragma: no cover - older sentence-transformers
         from sentence_transformers.models import Pooling, Transformer
 
-    from ts_handlers.embeddings import SentenceEmbeddingHandler
+    from ts_handlers.sentence_embedding import SentenceEmbeddingHandler
 
     root = tmp_path_factory.mktemp("limits_encoder")
     tokenizer = make_tiny_tokenizer()
@@ -151,11 +151,11 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_limits_are_setup_config_keys_with_defaults(classifier):
-    defaults = parse_config(TextClassificationConfig, {"mode": "sequence_classification"}, "t")
+    defaults = parse_config(SequenceClassificationConfig, {"mode": "sequence_classification"}, "t")
     assert defaults.max_texts_per_request == MAX_TEXTS_PER_REQUEST
     assert defaults.max_tokens_per_request == MAX_TOKENS_PER_REQUEST
     assert defaults.max_response_size == DEFAULT_MAX_RESPONSE_SIZE
-    assert ImageClassifierConfig().max_image_bytes == 4096 * 4096 * 3
+    assert ImageClassificationConfig().max_image_bytes == 4096 * 4096 * 3
     # The archive carries the keys it was built with, and the handler serves by them.
     for key, value in ARCHIVE_LIMITS.items():
         assert getattr(classifier.config, key) == value
@@ -174,9 +174,11 @@ def test_limits_are_setup_config_keys_with_defaults(classifier):
 )
 def test_bad_limit_values_fail_at_load(setup: dict[str, Any], fragment: str):
     with pytest.raises(ConfigError, match=fragment):
-        parse_config(TextClassificationConfig, {"mode": "sequence_classification", **setup}, "t")
+        parse_config(
+            SequenceClassificationConfig, {"mode": "sequence_classification", **setup}, "t"
+        )
     with pytest.raises(ConfigError, match="max_image_bytes must be at least 1"):
-        ImageClassifierConfig(max_image_bytes=0)
+        parse_config(ImageClassificationConfig, {"max_image_bytes": 0}, "t")
 
 
 def test_server_configs_match_the_handler_limits(tmp_path: Path):
@@ -335,7 +337,7 @@ def test_truncate_false_refuses_a_text_longer_than_the_cut_unread(classifier, mo
 
 
 def test_classification_answer_size(classifier):
-    options = classifier.parse_options({})
+    options = classifier.read_options(Request(body=None))
     per_text = classifier.answer_bytes_per_text(options)
     limit = answer_bytes(4, per_text)
     with limits(classifier, max_response_size=limit):
@@ -357,7 +359,7 @@ def test_classification_answer_size(classifier):
 def test_embedding_answer_size(encoder):
     dimension = encoder.config.embedding_dimension
     per_text = answer_bytes(dimension, MAX_FLOAT_CHARS)
-    assert encoder.answer_bytes_per_text(encoder.parse_options({})) == per_text
+    assert encoder.answer_bytes_per_text(encoder.read_options(Request(body=None))) == per_text
     limit = answer_bytes(3, per_text)
     good = ask({"inputs": "tea"})
     with limits(encoder, max_response_size=limit):

@@ -324,7 +324,7 @@ def test_management_describe_answers_without_paths(
     describe = [(None, "", {"describe": "True", "Authorization": "Bearer k"})]
     [(status, answer)] = serve(vision_handler, describe, monkeypatch)
     assert status == 200
-    assert answer["handler"] == "ImageClassifierHandler"
+    assert answer["handler"] == "ImageClassificationHandler"
     assert answer["labels"] == ["zero", "one", "two", "three"]
     assert answer["export"]["verification"]["dynamic_shapes"]["passed"] is True
     assert answer["config"]["image_size"] == [16, 16]

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from ts_handlers.server import (
+from ts_handlers.tools.server import (
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_MAX_RESPONSE_SIZE,
     PORT_NAMES,

@@ -23,9 +23,9 @@ from harness import (
     unpack_archive,
 )
 
-from ts_handlers.build import build_archive
 from ts_handlers.config import ConfigError
 from ts_handlers.token_classification import STRATEGIES, TokenClassificationHandler
+from ts_handlers.tools.build import build_archive
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 TOLERANCE = 1e-4
@@ -171,7 +171,7 @@ def test_a_bad_strategy_or_a_long_text_is_refused_alone(served) -> None:
     )
     status, body, _ = results[0]
     assert status == 400 and body["type"] == "InvalidInput"
-    assert "none, simple, first, average, max" in body["message"]
+    assert "choose one of 'none', 'simple', 'first', 'average', 'max'" in body["message"]
     assert results[1][0] == 413
     assert results[2][0] == 200
     assert score_difference([results[2][1]], [oracle("simple")(TEXTS[0])]) <= TOLERANCE

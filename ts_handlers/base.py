@@ -27,9 +27,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from ts.torch_handler.base_handler import BaseHandler
+from pydantic import ValidationError
 
-from ts_handlers.config import SETUP_CONFIG_FILE, HandlerConfig, load_config
+from ts_handlers.config import (
+    SETUP_CONFIG_FILE,
+    HandlerConfig,
+    RequestOptions,
+    explain,
+    load_config,
+)
 from ts_handlers.errors import InvalidInput, RequestError, TooManyRequests, error_body
 from ts_handlers.export import load_artifact
 from ts_handlers.labels import LABELS_FILE, read_labels
@@ -55,16 +61,26 @@ class Decoded:
     """What one request contributes to the batch, and how to shape its answer."""
 
     inputs: list[Any]
-    options: dict[str, Any] = field(default_factory=dict)
+    # The request's options, an instance of the task's ``options_class``.
+    options: Any = field(default_factory=RequestOptions)
     # True when the client sent one input rather than a list: answer with one item, unwrapped.
     single: bool = True
 
 
-class TaskHandler(BaseHandler, Generic[ConfigT]):
+class TaskHandler(Generic[ConfigT]):
+    """TorchServe's handler contract (``initialize``, ``handle``) on our own base.
+
+    Not TorchServe's ``BaseHandler``: nothing of it is used, and importing it has side effects
+    (optional-backend warnings, TF32 matmul switched on for CUDA).
+    """
+
     config_class: ClassVar[type[HandlerConfig]] = HandlerConfig
+    # The per-request options the task accepts, declared once (see config.RequestOptions).
+    options_class: ClassVar[type[RequestOptions]] = RequestOptions
 
     def __init__(self) -> None:
-        super().__init__()
+        self.initialized = False
+        self.context: Any = None
         self.config: ConfigT
         self.model_dir: Path
         self.model: Callable[..., Any] | None = None
@@ -168,7 +184,32 @@ class TaskHandler(BaseHandler, Generic[ConfigT]):
 
     # ---- TorchServe entry point ------------------------------------------------------------
 
+    def read_options(self, request: Request, json_body: Any = None) -> Any:
+        """The request's options, typed by ``options_class``, with the archive's defaults."""
+        names = self.options_class.names()
+        raw = {name: request.option(name, json_body) for name in names}
+        raw = {name: value for name, value in raw.items() if value is not None}
+        try:
+            options = self.options_class.model_validate(raw)
+        except ValidationError as error:
+            raise InvalidInput(explain(error, names)) from None
+        return self.with_defaults(options)
+
+    def with_defaults(self, options: Any) -> Any:
+        """Fills the options the request left out from the archive's config."""
+        return options
+
     def handle(self, data: list[Any], context: Any) -> list[Any]:
+        started = time.perf_counter()
+        answers = self._handle(data, context)
+        # What TorchServe's BaseHandler records; PredictionTime is recorded by TorchServe itself.
+        metrics = getattr(context, "metrics", None)
+        if metrics is not None:
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+            metrics.add_time("HandlerTime", elapsed_ms, None, "ms")
+        return answers
+
+    def _handle(self, data: list[Any], context: Any) -> list[Any]:
         self.context = context
         answers: list[Any] = [None] * len(data)
         decoded: dict[int, Decoded] = {}
@@ -374,7 +415,8 @@ def entry_point(handler_class: type[TaskHandler]) -> Callable[[Any, Any], list[A
     """A ``module:function`` entry point for TorchServe, one handler instance per worker.
 
     TorchServe calls the function once with ``data=None`` to initialise, then once per batch.
-    Naming ``ts_handlers.vision:handle`` in an archive keeps the archive free of handler code.
+    Naming ``ts_handlers.image_classification:handle`` in an archive keeps the archive free of
+    handler code.
     """
     instance: TaskHandler | None = None
 

@@ -1,20 +1,25 @@
-"""Typed configuration read from ``setup_config.json``.
+"""Typed configuration read from ``setup_config.json``, and typed per-request options.
 
 One file drives both the export step and the served handler, so it is parsed in exactly one
-place. Each task has a frozen dataclass; an unknown key, a value of the wrong type or a value
-outside the allowed choices fails when the model loads (or when the export starts), with a
-message that names the key and lists what would have been accepted.
+place. Each task declares its keys once, as a pydantic model: types, ``Literal`` choices and
+constraints (``Field(ge=1)``) are declared on the field, unknown keys are forbidden, and
+``mode`` is the discriminator that picks the task. A mistake fails when the model loads (or
+when the export starts), with a message that names the key, the value and what is allowed.
+
+Per-request options (``top_k``, ``truncate``, ...) are declared the same way, as a task's
+:class:`RequestOptions` model; they arrive as JSON values or as text (form fields, headers), so
+that model reads ``"3"`` as 3 and ``"true"`` as true.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 SETUP_CONFIG_FILE = "setup_config.json"
 
@@ -23,74 +28,85 @@ class ConfigError(ValueError):
     """A setup_config.json that cannot be used; raised before any request is served."""
 
 
-@dataclasses.dataclass(frozen=True)
-class HandlerConfig:
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# A JSON list, kept as a tuple so configs stay immutable and hashable.
+IntTuple = Annotated[tuple[int, ...], BeforeValidator(_list_to_tuple)]
+FloatTuple = Annotated[tuple[float, ...], BeforeValidator(_list_to_tuple)]
+StrTuple = Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # lax int parsing would read true as 1
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+# A per-request count: "3" from a header or a form field reads as 3, true does not.
+OptionInt = Annotated[int, BeforeValidator(_not_a_bool), Field(ge=1)]
+
+
+class HandlerConfig(BaseModel):
     """Keys every task understands.
 
     Names follow TorchServe's own ``setup_config.json`` where they mean the same thing
     (``model_name``, ``mode``, ``save_mode``), so a user's existing file mostly carries over.
     """
 
+    # Strict: "3" is not an integer and "yes" is not a boolean in a file a person wrote.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     mode: str
-    # Where the export step finds the eager checkpoint (a folder, or a hub id served from cache).
+    # Where the export step finds the eager checkpoint (a folder, or a tokenizer folder).
     model_name: str = ""
     # "torchscript" serves an exported graph; "pretrained" serves the eager checkpoint.
-    save_mode: str = "torchscript"
+    save_mode: Literal["torchscript", "pretrained"] = "torchscript"
     # How the torchscript graph is produced: "trace" runs example inputs, "script" compiles Python.
-    export_method: str = "trace"
+    export_method: Literal["trace", "script"] = "trace"
     freeze: bool = True
     # Largest difference between exported and eager outputs that verification accepts.
     verify_atol: float = 1e-4
     # Inputs run through the model in one forward; bounds memory when a request carries many.
-    inference_batch_size: int = 32
+    inference_batch_size: PositiveInt = 32
     # The user's own files, named as torch-model-archiver names them (see user_files.py): a
     # TorchScript file, or a state_dict loaded into model_class from the .py model_file.
     serialized_file: str = ""
     model_file: str = ""
     model_class: str = ""
 
-    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "save_mode": ("torchscript", "pretrained"),
-        "export_method": ("trace", "script"),
-    }
-
-    def __post_init__(self) -> None:
-        for key, allowed in self.CHOICES.items():
-            value = getattr(self, key)
-            if value not in allowed:
-                choices = ", ".join(map(repr, allowed))
-                raise ConfigError(f"{key}={value!r} is not supported; choose one of {choices}")
-        for key in ("inference_batch_size",):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-
     def to_dict(self) -> dict[str, Any]:
-        return {
-            field.name: _jsonable(getattr(self, field.name)) for field in dataclasses.fields(self)
-        }
+        return self.model_dump(mode="json")
+
+    def replace(self, **changes: Any) -> HandlerConfig:
+        """A copy with ``changes``, validated like the file was."""
+        return parse_config(type(self), {**self.to_dict(), **changes}, "resolved config")
 
 
-ConfigT = TypeVar("ConfigT", bound=HandlerConfig)
+class RequestOptions(BaseModel):
+    """Per-request options of a task; ``None`` means "the archive's default"."""
+
+    # Lax: a form field or a header carries "3" for 3 and "true" for true.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(cls.model_fields)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 def parse_config(config_class: type[ConfigT], raw: Mapping[str, Any], source: str) -> ConfigT:
     """Builds ``config_class`` from a JSON mapping, checking every key and type."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-    hints = typing.get_type_hints(config_class)
-    known = [field.name for field in dataclasses.fields(config_class)]
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(known)}"
-        )
-    values = {key: _coerce(key, hints[key], value, source) for key, value in raw.items()}
     try:
-        return config_class(**values)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
-    except TypeError as error:  # a required key is missing
-        raise ConfigError(f"{source}: {error}") from None
+        return config_class.model_validate(dict(raw))
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {explain(error, config_class.model_fields)}") from None
 
 
 def load_config(config_class: type[ConfigT], path: str | Path) -> ConfigT:
@@ -105,55 +121,70 @@ def load_config(config_class: type[ConfigT], path: str | Path) -> ConfigT:
     return parse_config(config_class, raw, str(path))
 
 
-def _coerce(key: str, hint: Any, value: Any, source: str) -> Any:
-    """Checks ``value`` against the annotation; lists become tuples so configs stay hashable."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [arg for arg in args if arg is not type(None)]
-        return _coerce(key, inner[0], value, source)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            _wrong_type(key, "a list", value, source)
-        item_hint = args[0]
-        return tuple(
-            _coerce(f"{key}[{i}]", item_hint, item, source) for i, item in enumerate(value)
+# pydantic's error type -> what the value must be, in the words of a JSON file.
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "dict_type": "an object",
+}
+
+
+def explain(error: ValidationError, fields: Iterable[str]) -> str:
+    """One sentence per mistake, each naming the key, the value and what is allowed."""
+    unknown = [str(item["loc"][0]) for item in error.errors() if item["type"] == "extra_forbidden"]
+    messages = []
+    if unknown:
+        messages.append(
+            f"unknown key(s) {', '.join(sorted(unknown))}; valid keys are {', '.join(fields)}"
         )
-    if origin is dict:
-        if not isinstance(value, dict):
-            _wrong_type(key, "an object", value, source)
-        value_hint = args[1]
-        return types.MappingProxyType(
-            {str(k): _coerce(f"{key}.{k}", value_hint, v, source) for k, v in value.items()}
-        )
-    if hint is bool:
-        if not isinstance(value, bool):
-            _wrong_type(key, "true or false", value, source)
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _wrong_type(key, "an integer", value, source)
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            _wrong_type(key, "a number", value, source)
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            _wrong_type(key, "a string", value, source)
-        return value
-    raise ConfigError(f"{source}: {key} has an unsupported annotation {hint!r}")  # our own bug
+    for item in error.errors():
+        if item["type"] != "extra_forbidden":
+            messages.append(_sentence(item))
+    return "; ".join(messages)
 
 
-def _wrong_type(key: str, expected: str, value: Any, source: str) -> typing.NoReturn:
-    raise ConfigError(f"{source}: {key} must be {expected}, got {json.dumps(value)}")
+def _sentence(item: Any) -> str:
+    key = _key(item["loc"])
+    value, kind, context = item.get("input"), item["type"], item.get("ctx") or {}
+    shown = _json(value)
+    if kind in _EXPECTED:
+        return f"{key} must be {_EXPECTED[kind]}, got {shown}"
+    if kind == "literal_error":
+        choices = context.get("expected", "").replace(" or ", ", ")
+        return f"{key}={value!r} is not supported; choose one of {choices}"
+    if kind in ("greater_than_equal", "greater_than"):
+        bound = context.get("ge", context.get("gt"))
+        word = "at least" if kind == "greater_than_equal" else "more than"
+        return f"{key} must be {word} {bound}, got {shown}"
+    if kind in ("less_than_equal", "less_than"):
+        bound = context.get("le", context.get("lt"))
+        word = "at most" if kind == "less_than_equal" else "less than"
+        return f"{key} must be {word} {bound}, got {shown}"
+    if kind == "missing":
+        return f"{key} is required"
+    if kind == "value_error":  # a model validator's own sentence
+        return str(context.get("error", item["msg"]))
+    return f"{key}: {item['msg']}, got {shown}"
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, Mapping):
-        return {key: _jsonable(item) for key, item in value.items()}
-    return value
+def _key(location: tuple[Any, ...]) -> str:
+    key = ""
+    for part in location:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key or "config"
+
+
+def _json(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -346,32 +346,6 @@ def decode_base64(text: str, what: str = "data") -> bytes:
         raise InvalidInput(f"{what} is not valid base64") from None
 
 
-def int_option(name: str, value: Any, default: int | None, minimum: int = 1) -> int | None:
-    """Reads an integer option that came from a JSON field or a query parameter."""
-    if value is None:
-        return default
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise InvalidInput(f"{name} must be an integer, got {preview(value)}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{name} must be an integer, got {preview(value)}")
-    if value < minimum:
-        raise InvalidInput(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def bool_option(name: str, value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
-        return value.strip().lower() in ("true", "1")
-    raise InvalidInput(f"{name} must be true or false, got {preview(value)}")
-
-
 def _param_text(value: Any) -> Any:
     if isinstance(value, bytes | bytearray):
         try:

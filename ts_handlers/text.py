@@ -17,16 +17,24 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
+from torch import nn
 
 from ts_handlers.base import Decoded, TaskHandler
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
+from ts_handlers.config import (
+    SETUP_CONFIG_FILE,
+    ConfigError,
+    HandlerConfig,
+    PositiveInt,
+    RequestOptions,
+)
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan, one_at_a_time
-from ts_handlers.payload import Request, bool_option, reject_unknown_fields
-from ts_handlers.server import DEFAULT_MAX_RESPONSE_SIZE
+from ts_handlers.payload import Request, reject_unknown_fields
+from ts_handlers.tools.server import DEFAULT_MAX_RESPONSE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -59,43 +67,43 @@ FORM_FIELDS_HINT = (
 )
 
 
-@dataclass(frozen=True)
 class TextConfig(HandlerConfig):
-    max_length: int = 128
+    max_length: Annotated[int, Field(ge=2)] = 128
     # TorchServe's key: lower-case the text before tokenizing (for uncased checkpoints whose
     # tokenizer does not do it itself).
     do_lower_case: bool = False
     # Decided by the export: True when the traced graph holds only at max_length.
     pad_to_max_length: bool = False
     # Per-request limits, checked before the model runs; over one: 413 (docs/limits.md).
-    max_texts_per_request: int = MAX_TEXTS_PER_REQUEST
+    max_texts_per_request: PositiveInt = MAX_TEXTS_PER_REQUEST
     # Tokens after truncation summed over the request's texts (each text counts max_length when
     # the archive pads every text to it). Bounds the work a request brings to a batch.
-    max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST
+    max_tokens_per_request: PositiveInt = MAX_TOKENS_PER_REQUEST
     # Bytes one answer may take, bounded from the request before the model runs. TorchServe's
     # frontend drops the worker (every request in its batch gets 500) when one answer is longer
     # than the server's max_response_size, so this must not exceed that.
-    max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE
+    max_response_size: PositiveInt = DEFAULT_MAX_RESPONSE_SIZE
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("max_texts_per_request", "max_tokens_per_request", "max_response_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.max_length is None:  # resolved by the export (sentence embeddings)
-            return
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
-        if self.max_tokens_per_request < self.max_length:
-            raise ConfigError(
+    @model_validator(mode="after")
+    def _one_full_text_fits_a_request(self) -> TextConfig:
+        if self.max_length is not None and self.max_tokens_per_request < self.max_length:
+            raise ValueError(
                 f"max_tokens_per_request ({self.max_tokens_per_request}) is below max_length "
                 f"({self.max_length}): one full-length text would be refused"
             )
+        return self
 
     @property
     def max_text_chars(self) -> int:
         """Characters of one text that are tokenized (see CHARS_PER_TOKEN)."""
         return self.max_length * CHARS_PER_TOKEN
+
+
+class TextOptions(RequestOptions):
+    """Options every text task accepts; a task's own options class extends this one."""
+
+    # Cut a text longer than max_length (true, what the pipelines do) or refuse it with 413.
+    truncate: bool = True
 
 
 @dataclass
@@ -113,8 +121,7 @@ class Tokenized:
 class TextHandler(TaskHandler[Any]):
     """Base of the text tasks; subclasses implement ``run_model`` and ``encode``."""
 
-    # JSON keys (besides "inputs") a task accepts as per-request options.
-    request_options: ClassVar[tuple[str, ...]] = ()
+    options_class: ClassVar[type[RequestOptions]] = TextOptions
     # True for a task that answers per token (token classification): ``tokenize`` keeps the
     # character offsets and the special-tokens mask, and ``forward`` cuts each text's output
     # rows to its own tokens.
@@ -141,11 +148,10 @@ class TextHandler(TaskHandler[Any]):
             texts, single = self._texts_from_json(payload)
         else:
             texts, single = [request.text()], True
-        options = {name: request.option(name, payload) for name in self.request_options}
-        options = self.parse_options(options)
+        options = self.read_options(request, payload)
         self.check_answer_size(len(texts), options)
         self.check_text_chars(texts)
-        truncate = options.get("truncate", True)
+        truncate = options.truncate
         inputs = []
         tokens = 0
         padded = self.config.max_length if self.config.pad_to_max_length else 0
@@ -205,7 +211,7 @@ class TextHandler(TaskHandler[Any]):
 
     def _texts_from_json(self, payload: Any) -> tuple[list[str], bool]:
         if isinstance(payload, dict):
-            reject_unknown_fields(payload, ["inputs", *self.request_options])
+            reject_unknown_fields(payload, ["inputs", *self.options_class.names()])
             if "inputs" not in payload:
                 raise InvalidInput('the JSON body needs "inputs": a string or a list of strings')
             payload = payload["inputs"]
@@ -229,13 +235,6 @@ class TextHandler(TaskHandler[Any]):
         raise InvalidInput(
             f'"inputs" must be a string or a list of strings, got {type(payload).__name__}'
         )
-
-    def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """Turns raw option values into typed ones; subclasses add their own."""
-        options = {}
-        if "truncate" in raw:
-            options["truncate"] = bool_option("truncate", raw["truncate"], True)
-        return options
 
     def tokenize(self, text: str, index: int, truncate: bool = True) -> Tokenized:
         if not text.strip():
@@ -324,6 +323,17 @@ MAX_FLOAT_CHARS = 24
 def answer_bytes(count: int, per_text: int) -> int:
     """Bytes of a JSON list of ``count`` answers of at most ``per_text`` bytes each."""
     return 2 + count * (per_text + 2)  # brackets, and ", " between items
+
+
+class LogitsOnly(nn.Module):
+    """Returns the logits tensor alone, so the model traces cleanly under transformers 5."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
 
 
 def load_tokenizer(folder: str | Path) -> Any:

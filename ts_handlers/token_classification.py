@@ -10,44 +10,44 @@ of those, in order. The entities are the pipeline's own: its ``gather_pre_entiti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, Literal, get_args
 
 import torch
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import ConfigError
-from ts_handlers.errors import InvalidInput
+from ts_handlers.config import ConfigError, StrTuple
 from ts_handlers.export import ExportPlan
-from ts_handlers.payload import preview
+from ts_handlers.tasks import Task
 from ts_handlers.text import (
+    MAX_FLOAT_CHARS,
+    LogitsOnly,
     TextConfig,
     TextHandler,
+    TextOptions,
     Tokenized,
     load_tokenizer,
     text_export_plan,
     tokenizer_files,
 )
-from ts_handlers.text_classification import LogitsOnly
 
 # transformers' AggregationStrategy values.
-STRATEGIES = ("none", "simple", "first", "average", "max")
+Strategy = Literal["none", "simple", "first", "average", "max"]
+STRATEGIES = get_args(Strategy)
+# JSON keys, quotes and separators of one entity, and its index/start/end numbers.
+ENTITY_BYTES = 96
 
 
-@dataclass(frozen=True)
 class TokenClassificationConfig(TextConfig):
-    mode: str = "token_classification"
-    aggregation_strategy: str = "simple"  # the default; a request may choose another
-    ignore_labels: tuple[str, ...] = ("O",)  # labels never answered, as the pipeline's
+    mode: Literal["token_classification"] = "token_classification"
+    save_mode: Literal["torchscript"] = "torchscript"
+    aggregation_strategy: Strategy = "simple"  # the default; a request may choose another
+    ignore_labels: StrTuple = ("O",)  # labels never answered, as the pipeline's
 
-    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **TextConfig.CHOICES,
-        "mode": ("token_classification",),
-        "save_mode": ("torchscript",),
-        "aggregation_strategy": STRATEGIES,
-    }
+
+class TokenClassificationOptions(TextOptions):
+    aggregation_strategy: Strategy | None = None
 
 
 def pipeline_postprocessing(tokenizer: Any, labels: list[str]) -> Any:
@@ -66,7 +66,7 @@ def pipeline_postprocessing(tokenizer: Any, labels: list[str]) -> Any:
 
 class TokenClassificationHandler(TextHandler):
     config_class = TokenClassificationConfig
-    request_options = ("aggregation_strategy", "truncate")
+    options_class = TokenClassificationOptions
     token_outputs = True
 
     def setup(self) -> None:
@@ -74,20 +74,21 @@ class TokenClassificationHandler(TextHandler):
         labels = self.labels or self.export_metadata["labels"]
         self.pipeline = pipeline_postprocessing(self.tokenizer, labels)
 
-    def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
-        strategy = raw.get("aggregation_strategy")
-        if strategy is not None and strategy not in STRATEGIES:
-            raise InvalidInput(
-                f"aggregation_strategy must be one of {', '.join(STRATEGIES)}, "
-                f"got {preview(strategy)}"
-            )
-        strategy = strategy or self.config.aggregation_strategy
-        return {**super().parse_options(raw), "aggregation_strategy": strategy}
+    def with_defaults(self, options: TokenClassificationOptions) -> Any:
+        strategy = options.aggregation_strategy or self.config.aggregation_strategy
+        return options.model_copy(update={"aggregation_strategy": strategy})
+
+    def answer_bytes_per_text(self, options: Any) -> int:
+        """At most one entity per token, each with its word (escaped, at most 6 bytes a
+        character), label, score and positions."""
+        longest_label = max(map(len, self.pipeline.model.config.id2label.values()))
+        per_entity = ENTITY_BYTES + longest_label + MAX_FLOAT_CHARS
+        return self.config.max_length * per_entity + 6 * self.config.max_text_chars
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
         from transformers.pipelines.token_classification import AggregationStrategy
 
-        strategy = AggregationStrategy(decoded.options["aggregation_strategy"])
+        strategy = AggregationStrategy(decoded.options.aggregation_strategy)
         answers = [
             self.entities(item, logits, strategy)
             for item, logits in zip(decoded.inputs, outputs, strict=True)
@@ -139,3 +140,9 @@ def prepare_export(config: TokenClassificationConfig) -> ExportPlan:
 
 
 handle = entry_point(TokenClassificationHandler)
+TASK = Task(
+    TokenClassificationConfig,
+    TokenClassificationOptions,
+    TokenClassificationHandler,
+    prepare_export,
+)

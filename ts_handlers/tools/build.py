@@ -1,8 +1,8 @@
 """Build a TorchServe archive from ``archiver_configs/<name>/``.
 
-    python -m ts_handlers.build archiver_configs/mnist      # -> model_store/mnist.mar
-    python -m ts_handlers.build --all                       # every folder in archiver_configs/
-    python -m ts_handlers.build archiver_configs/mnist --self-contained --name mnist_standalone
+    python -m ts_handlers.tools.build archiver_configs/mnist    # -> model_store/mnist.mar
+    python -m ts_handlers.tools.build --all                     # every archiver_configs/ folder
+    python -m ts_handlers.tools.build archiver_configs/mnist --self-contained --name mnist_sc
 
 A folder holds ``setup_config.json`` (what to export and how to serve it), ``model-config.yaml``
 (TorchServe's batching and worker settings) and optionally ``index_to_name.json``. The build
@@ -10,9 +10,13 @@ loads the eager checkpoint, exports it, verifies the export against eager on sev
 shapes, and only then writes the archive, with the resolved config and the verification figures
 inside. A failed verification writes nothing and exits non-zero.
 
-By default the archive names its handler by module path (``ts_handlers.vision:handle``), so the
-TorchServe environment must have ``ts_handlers`` installed (plugin mode). ``--self-contained``
-embeds the package in the archive so a stock TorchServe serves it too.
+By default the archive names its handler by module path
+(``ts_handlers.image_classification:handle``), so the TorchServe environment must have
+``ts_handlers`` installed (plugin mode). ``--self-contained`` embeds the package's runtime (not
+``ts_handlers.tools``) in the archive so a stock TorchServe serves it too.
+
+``--list-tasks`` prints the tasks this install can build: the built-in ones and those other
+packages register (``ts_handlers.tasks``).
 """
 
 from __future__ import annotations
@@ -25,57 +29,25 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig, load_config
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
 from ts_handlers.export import ExportError, ExportPlan, format_for, verify
 from ts_handlers.labels import LABELS_FILE, read_labels
+from ts_handlers.tasks import load_task_config, tasks
 
-logger = logging.getLogger("ts_handlers.build")
+logger = logging.getLogger("ts_handlers.tools.build")
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # ts_handlers/
 MODEL_CONFIG_FILE = "model-config.yaml"
 REPORT_FILE = "export_report.json"
 ENTRY_MODULE = "ts_handlers_entry"
 # Keys naming files or folders; a relative one is read from the config folder, wherever the
 # build runs from.
 PATH_KEYS = ("model_name", "serialized_file", "model_file")
-
-
-@dataclass(frozen=True)
-class Task:
-    config_class: type[HandlerConfig]
-    handler: str  # "module:function" TorchServe imports
-    prepare: Callable[[Any], ExportPlan]
-
-
-def _tasks() -> dict[str, Task]:
-    """Mode -> task. A new task is one more line here and one module with its handler."""
-    from ts_handlers import embeddings, text_classification, token_classification, vision
-
-    return {
-        "image_classification": Task(
-            vision.ImageClassifierConfig, "ts_handlers.vision:handle", vision.prepare_export
-        ),
-        "sequence_classification": Task(
-            text_classification.TextClassificationConfig,
-            "ts_handlers.text_classification:handle",
-            text_classification.prepare_export,
-        ),
-        "sentence_embedding": Task(
-            embeddings.SentenceEmbeddingConfig,
-            "ts_handlers.embeddings:handle",
-            embeddings.prepare_export,
-        ),
-        "token_classification": Task(
-            token_classification.TokenClassificationConfig,
-            "ts_handlers.token_classification:handle",
-            token_classification.prepare_export,
-        ),
-    }
 
 
 def build_archive(
@@ -88,15 +60,7 @@ def build_archive(
 ) -> Path | None:
     """Exports, verifies and archives one model; returns the .mar path (None if up to date)."""
     name = name or config_dir.name
-    raw = json.loads((config_dir / SETUP_CONFIG_FILE).read_text(encoding="utf-8"))
-    tasks = _tasks()
-    mode = raw.get("mode")
-    if mode not in tasks:
-        raise ConfigError(
-            f"{config_dir / SETUP_CONFIG_FILE}: mode={mode!r}; choose one of {', '.join(tasks)}"
-        )
-    task = tasks[mode]
-    config = load_config(task.config_class, config_dir / SETUP_CONFIG_FILE)
+    task, config = load_task_config(config_dir / SETUP_CONFIG_FILE)
     # The archive keeps the config as written; the export reads the files it names.
     export_config = resolve_paths(config, config_dir)
     mar_path = model_store / f"{name}.mar"
@@ -105,14 +69,14 @@ def build_archive(
         return None
 
     started = time.perf_counter()
-    plan = task.prepare(export_config)
+    plan = task.prepare_export(export_config)
     # Refused before anything is exported or written: a wrong labels file fails every request.
     read_labels(config_dir / LABELS_FILE, plan.num_classes)
     with tempfile.TemporaryDirectory(prefix=f"ts-handlers-{name}-") as staging_name:
         staging = Path(staging_name)
         files = staging / "files"
         files.mkdir()
-        report: dict[str, Any] = {"name": name, "mode": mode, "save_mode": config.save_mode}
+        report: dict[str, Any] = {"name": name, "mode": task.mode, "save_mode": config.save_mode}
         serialized = None
         if config.save_mode != "pretrained":
             serialized, verification = _export(export_config, plan, files)
@@ -125,9 +89,9 @@ def build_archive(
             if source.is_file():
                 shutil.copy2(source, files / source.name)
         extra_dirs = [source for source in plan.extra_files if source.is_dir()]
-        handler = task.handler
+        handler = task.entry_point
         if self_contained:
-            handler = _embed_package(files, task.handler)
+            handler = _embed_package(files, task.entry_point)
         _package(
             name,
             handler=handler,
@@ -150,7 +114,7 @@ def resolve_paths(config: HandlerConfig, config_dir: Path) -> HandlerConfig:
         for key in PATH_KEYS
         if (value := getattr(config, key)) and not Path(value).is_absolute()
     }
-    return replace(config, **resolved)
+    return config.replace(**resolved)
 
 
 def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path, dict[str, Any]]:
@@ -199,7 +163,8 @@ def _embed_package(files: Path, handler: str) -> str:
     shutil.copytree(
         PACKAGE_DIR,
         files / "package" / "ts_handlers",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build.py", "client.py"),
+        # The runtime only: the tooling (build, server, client, demo models) stays out.
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tools"),
     )
     module, function = handler.split(":")
     entry = files / f"{ENTRY_MODULE}.py"
@@ -284,8 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="archive name (default: the folder name)")
     parser.add_argument("--self-contained", action="store_true", help="embed ts_handlers")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument(
+        "--list-tasks", action="store_true", help="list the tasks (modes) this install can build"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.list_tasks:
+        for mode, task in tasks().items():
+            print(f"{mode:28} {task.entry_point}")
+        return 0
     config_dirs = list(args.config_dirs)
     if args.all:
         config_dirs += sorted(

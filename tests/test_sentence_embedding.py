@@ -26,17 +26,17 @@ from harness import body_headers, make_context, make_tiny_tokenizer, run_batch, 
 from sentence_transformers import SentenceTransformer
 from transformers import BertConfig, BertModel
 
-from ts_handlers.build import build_archive
 from ts_handlers.config import ConfigError, parse_config
-from ts_handlers.embeddings import (
+from ts_handlers.export import ExportError
+from ts_handlers.sentence_embedding import (
     POOLING_MODES,
     SentenceEmbeddingConfig,
     SentenceEmbeddingHandler,
     check_pooling_mode,
     read_sentence_transformer,
 )
-from ts_handlers.export import ExportError
 from ts_handlers.text import MAX_TEXTS_PER_REQUEST
+from ts_handlers.tools.build import build_archive
 
 try:  # sentence-transformers >= 5.4 moved the modules; older releases only have the old path
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -431,7 +431,7 @@ def test_a_plain_checkpoint_is_not_a_sentence_transformers_folder(tiny_encoder, 
         ({"pooling_mode": "mean,,max"}, "or several joined by commas"),
         ({"pooling_mode": ["mean", "max"]}, 'pooling_mode must be a string, got ["mean", "max"]'),
         ({"save_mode": "pretrained"}, "choose one of 'torchscript'"),
-        ({"embedding_dimension": 0}, "embedding_dimension must be positive"),
+        ({"embedding_dimension": 0}, "embedding_dimension must be at least 1"),
         ({"max_length": 1}, "max_length must be at least 2"),
         ({"normalize_result": "yes"}, "normalize_result must be true or false"),
         ({"pooling": "mean"}, "unknown key(s) pooling"),
@@ -597,7 +597,7 @@ import json, sys
 sys.modules["sentence_transformers"] = None  # any import of it now fails
 from pathlib import Path
 from harness import body_headers, make_context, run_batch, unpack_archive
-from ts_handlers.embeddings import SentenceEmbeddingHandler
+from ts_handlers.sentence_embedding import SentenceEmbeddingHandler
 
 mar_path, model_dir, texts = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 handler = SentenceEmbeddingHandler()

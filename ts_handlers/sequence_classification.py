@@ -14,23 +14,25 @@ archive was built with ``save_mode: pretrained`` and ``captum_explanation: true`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Literal, get_args
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point, top_k_labels
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, OptionInt, PositiveInt
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
-from ts_handlers.payload import int_option, preview
+from ts_handlers.tasks import Task
 from ts_handlers.text import (
     MAX_FLOAT_CHARS,
+    LogitsOnly,
     TextConfig,
     TextHandler,
+    TextOptions,
     Tokenized,
     answer_bytes,
     check_tokenizer_fits,
@@ -43,65 +45,55 @@ from ts_handlers.text import (
 )
 
 # transformers.pipeline's ``function_to_apply`` values.
-FUNCTIONS = ("softmax", "sigmoid", "none")
+Function = Literal["softmax", "sigmoid", "none"]
+FUNCTIONS = get_args(Function)
 # An explanation has a cost per text whatever its length (a forward for the prediction,
 # captum's set-up, small kernels): measured on 2 cores, a text of up to about 32 tokens costs
 # about what a 32-token text costs, so every text counts as at least this many tokens.
 MIN_EXPLANATION_TOKENS = 32
 
 
-@dataclass(frozen=True)
-class TextClassificationConfig(TextConfig):
-    mode: str = "sequence_classification"
-    num_labels: int | None = None
+class SequenceClassificationConfig(TextConfig):
+    mode: Literal["sequence_classification"] = "sequence_classification"
+    num_labels: PositiveInt | None = None
     # What turns logits into scores, as transformers.pipeline names it. None: decided by the
     # checkpoint's problem_type and num_labels, as the pipeline decides (see function_for).
-    function_to_apply: str | None = None
+    function_to_apply: Function | None = None
     # Explanations need the eager model, so they require save_mode "pretrained".
     captum_explanation: bool = False
     # The layer explanations attribute over: a module path ("bert.embeddings"), or the base
     # model's attribute name as TorchServe's handler takes it ("bert"). Empty: the layer that
     # holds the model's input embeddings, found by the export.
     embedding_name: str = ""
-    top_k: int | None = None  # None: every label
+    top_k: PositiveInt | None = None  # None: every label
     # Integrated-gradients steps per explained text. An explanation runs the model forward and
     # backward on steps x tokens positions, so its cost is counted in token-steps.
-    explanation_steps: int = 50
+    explanation_steps: PositiveInt = 50
     # Texts in one explanation request; more: 413.
-    max_explanation_texts: int = 4
+    max_explanation_texts: PositiveInt = 4
     # Explanation work one handled batch may run: the sum of tokens x explanation_steps over
     # its explanation texts, each counted as at least MIN_EXPLANATION_TOKENS tokens (6400: one
     # text of 128 tokens, or four short ones, at 50 steps). A request over it alone: 413;
-    # requests past it in a batch: 429 with Retry-After (docs/text_classification.md).
-    max_explanation_token_steps: int = 6400
+    # requests past it in a batch: 429 with Retry-After (docs/sequence_classification.md).
+    max_explanation_token_steps: PositiveInt = 6400
 
-    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **TextConfig.CHOICES,
-        "mode": ("sequence_classification",),
-        "function_to_apply": (None, *FUNCTIONS),
-    }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in (
-            "num_labels",
-            "top_k",
-            "explanation_steps",
-            "max_explanation_texts",
-            "max_explanation_token_steps",
-        ):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key} must be at least 1, got {value}")
+    @model_validator(mode="after")
+    def _one_text_can_be_explained(self) -> SequenceClassificationConfig:
         worst = max(self.max_length, MIN_EXPLANATION_TOKENS) * self.explanation_steps
         if self.captum_explanation and worst > self.max_explanation_token_steps:
-            raise ConfigError(
+            raise ValueError(
                 f"explaining one text of max_length {self.max_length} tokens at "
                 f"explanation_steps {self.explanation_steps} is {worst} token-steps, over "
                 f"max_explanation_token_steps {self.max_explanation_token_steps}; lower "
                 "explanation_steps or max_length, or raise max_explanation_token_steps (and "
                 "responseTimeout in model-config.yaml with it)"
             )
+        return self
+
+
+class SequenceClassificationOptions(TextOptions):
+    top_k: OptionInt | None = None
+    function_to_apply: Function | None = None
 
 
 def function_for(problem_type: str | None, num_labels: int) -> str:
@@ -121,20 +113,9 @@ def apply_function(logits: torch.Tensor, function: str) -> torch.Tensor:
     return logits
 
 
-class LogitsOnly(nn.Module):
-    """Returns the logits tensor alone, so the model traces cleanly under transformers 5."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
-
-
-class TransformerClassificationHandler(TextHandler):
-    config_class = TextClassificationConfig
-    request_options = ("top_k", "truncate", "function_to_apply")
+class SequenceClassificationHandler(TextHandler):
+    config_class = SequenceClassificationConfig
+    options_class = SequenceClassificationOptions
 
     def load_model(self) -> Any:
         if self.config.save_mode == "pretrained":
@@ -171,28 +152,23 @@ class TransformerClassificationHandler(TextHandler):
             len(json.dumps({"label": label, "score": 0})) - 1 for label in self.labels
         )
 
-    def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
-        default = self.config.top_k or len(self.labels)
-        function = raw.get("function_to_apply")
-        if function is not None and function not in FUNCTIONS:
-            raise InvalidInput(
-                f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {preview(function)}"
-            )
-        return {
-            **super().parse_options(raw),
-            "top_k": int_option("top_k", raw.get("top_k"), default),
-            "function_to_apply": function or self.function,
-        }
+    def with_defaults(self, options: SequenceClassificationOptions) -> Any:
+        return options.model_copy(
+            update={
+                "top_k": options.top_k or self.config.top_k or len(self.labels),
+                "function_to_apply": options.function_to_apply or self.function,
+            }
+        )
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask).float()
 
     def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
         """top_k entries (at most one per label), each at most ``entry_bytes``."""
-        return answer_bytes(min(options["top_k"], len(self.labels)), self.entry_bytes)
+        return answer_bytes(min(options.top_k, len(self.labels)), self.entry_bytes)
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
-        function, top_k = decoded.options["function_to_apply"], decoded.options["top_k"]
+        function, top_k = decoded.options.function_to_apply, decoded.options.top_k
         answers = [
             top_k_labels(apply_function(logits, function), self.labels, top_k) for logits in outputs
         ]
@@ -346,7 +322,7 @@ def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def prepare_export(config: TextClassificationConfig) -> ExportPlan:
+def prepare_export(config: SequenceClassificationConfig) -> ExportPlan:
     """Plans the export of a Hugging Face checkpoint folder, or of the user's own model files.
 
     With ``serialized_file`` (a TorchScript file, or a state_dict with ``model_file``),
@@ -358,7 +334,7 @@ def prepare_export(config: TextClassificationConfig) -> ExportPlan:
         raise ConfigError(
             "captum_explanation needs save_mode 'pretrained': explanations run the eager model"
         )
-    from ts_handlers import user_files
+    from ts_handlers.tools import user_files
 
     if user_files.user_model_kind(config):
         plan = _plan_user_model(config, folder)
@@ -376,7 +352,7 @@ def prepare_export(config: TextClassificationConfig) -> ExportPlan:
     return plan
 
 
-def _plan_checkpoint(config: TextClassificationConfig, folder: Path) -> ExportPlan:
+def _plan_checkpoint(config: SequenceClassificationConfig, folder: Path) -> ExportPlan:
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model_name {config.model_name!r} is not a checkpoint folder")
     model = load_classifier(folder)
@@ -400,7 +376,9 @@ def _plan_checkpoint(config: TextClassificationConfig, folder: Path) -> ExportPl
     return plan
 
 
-def _check_explanation(config: TextClassificationConfig, model: nn.Module, tokenizer: Any) -> str:
+def _check_explanation(
+    config: SequenceClassificationConfig, model: nn.Module, tokenizer: Any
+) -> str:
     """Runs one explanation, as a request would: a broken setup fails the build, not a client."""
     name, layer = embedding_layer(model, config.embedding_name)
     token_ids = tokenizer("ts-handlers checks explanations at build time")["input_ids"]
@@ -414,7 +392,7 @@ def _check_explanation(config: TextClassificationConfig, model: nn.Module, token
     return name
 
 
-def _plan_user_model(config: TextClassificationConfig, folder: Path) -> ExportPlan:
+def _plan_user_model(config: SequenceClassificationConfig, folder: Path) -> ExportPlan:
     if config.save_mode == "pretrained":
         raise ConfigError(
             "save_mode 'pretrained' serves a save_pretrained folder; serialized_file is "
@@ -425,7 +403,7 @@ def _plan_user_model(config: TextClassificationConfig, folder: Path) -> ExportPl
             "with serialized_file, model_name must name the folder holding the tokenizer "
             f"(tokenizer.json or vocab files) the model was trained with; got {config.model_name!r}"
         )
-    from ts_handlers import user_files
+    from ts_handlers.tools import user_files
 
     tokenizer = load_tokenizer(folder)
     exported = None
@@ -455,4 +433,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-handle = entry_point(TransformerClassificationHandler)
+handle = entry_point(SequenceClassificationHandler)
+TASK = Task(
+    SequenceClassificationConfig,
+    SequenceClassificationOptions,
+    SequenceClassificationHandler,
+    prepare_export,
+)

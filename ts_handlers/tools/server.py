@@ -240,7 +240,7 @@ class LocalTorchServe:
     # ---- use -------------------------------------------------------------------------------
 
     def client(self, timeout: float = 60.0):  # -> TorchServeClient
-        from ts_handlers.client import TorchServeClient
+        from ts_handlers.tools.client import TorchServeClient
 
         return TorchServeClient(
             self.inference_url,

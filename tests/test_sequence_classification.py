@@ -1,4 +1,4 @@
-"""TransformerClassificationHandler on a tiny random BERT, exported both ways, no server.
+"""SequenceClassificationHandler on a tiny random BERT, exported both ways, no server.
 
 The checkpoint (tokenizer included) is built from a config in ``conftest.py`` and taken through
 the real build for ``torchscript`` and ``pretrained``; every answer is checked against the eager
@@ -7,7 +7,6 @@ model's own softmax on the same text.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import zipfile
@@ -28,9 +27,10 @@ from harness import (
 )
 from torch import nn
 
-from ts_handlers import build, text_classification
+from ts_handlers import sequence_classification
+from ts_handlers.sequence_classification import SequenceClassificationHandler, load_classifier
 from ts_handlers.text import MAX_TEXTS_PER_REQUEST
-from ts_handlers.text_classification import TransformerClassificationHandler, load_classifier
+from ts_handlers.tools import build
 
 LABELS = list(TINY_TEXT_LABELS.values())
 TOLERANCE = 1e-5
@@ -416,9 +416,7 @@ def test_pretrained_archive_explains_with_token_attributions(text_handlers, eage
 
 def test_explanations_keep_token_length_when_the_archive_pads(text_handlers, eager, monkeypatch):
     handler = text_handlers["pretrained"]
-    monkeypatch.setattr(
-        handler, "config", dataclasses.replace(handler.config, pad_to_max_length=True)
-    )
+    monkeypatch.setattr(handler, "config", handler.config.replace(pad_to_max_length=True))
     [(status, body, _)] = run_batch(handler, [plain("the movie", explain="True")])
     assert status == 200, body
     tokens = eager.tokenizer.convert_ids_to_tokens(eager.tokenizer("the movie")["input_ids"])
@@ -441,14 +439,14 @@ def test_torchscript_archive_refuses_explanations_with_400(text_handlers):
 
 def test_explanations_need_captum_explanation_true(text_handlers, monkeypatch):
     handler = text_handlers["pretrained"]
-    config = dataclasses.replace(handler.config, captum_explanation=False)
+    config = handler.config.replace(captum_explanation=False)
     monkeypatch.setattr(handler, "config", config)
     [(status, body, _)] = run_batch(handler, [plain("tea", explain="True")])
     assert status == 400
     assert "captum_explanation false" in body["message"]
 
 
-# ---- explanation limits and scheduling (docs/text_classification.md, "Explanation cost") -----
+# ---- explanation limits and scheduling (docs/sequence_classification.md, "Explanation cost") -----
 
 
 class Clock:
@@ -468,8 +466,7 @@ EXPLANATION_SECONDS = 10.0
 def explainer(text_handlers, monkeypatch):
     """The pretrained handler at 4 steps, with a budget of one max_length text per batch."""
     handler = text_handlers["pretrained"]
-    config = dataclasses.replace(
-        handler.config,
+    config = handler.config.replace(
         explanation_steps=4,
         max_explanation_token_steps=4 * handler.config.max_length,
         max_explanation_texts=3,
@@ -494,7 +491,7 @@ def test_explanation_requests_over_a_limit_get_413_before_any_work(explainer, mo
     def no_work(*args):
         raise AssertionError("an explanation over a limit must not run")
 
-    monkeypatch.setattr(text_classification, "explain", no_work)
+    monkeypatch.setattr(sequence_classification, "explain", no_work)
     long_text = " ".join(SENTENCES)  # truncated to max_length tokens
     results = run_batch(
         explainer,
@@ -514,7 +511,7 @@ def test_explanation_requests_over_a_limit_get_413_before_any_work(explainer, mo
 
 def test_explanations_past_the_batch_budget_get_429_with_retry_after(explainer):
     text = SENTENCES[1]  # a text counts at least MIN_EXPLANATION_TOKENS: two do not fit
-    assert explainer.config.max_length == text_classification.MIN_EXPLANATION_TOKENS
+    assert explainer.config.max_length == sequence_classification.MIN_EXPLANATION_TOKENS
     results = run_batch(explainer, [plain(text, explain="True"), plain(text, explain="True")])
     assert [status for status, _, _ in results] == [200, 429]
     _, body, headers = results[1]
@@ -552,8 +549,8 @@ def test_predictions_get_as_much_time_as_the_explanation_work_before_them(explai
 def test_explanation_limits_are_checked_at_load(text_handlers, changes, message):
     config = text_handlers["pretrained"].config
     assert config.max_length == 32
-    with pytest.raises(text_classification.ConfigError, match=message):
-        dataclasses.replace(config, **changes)
+    with pytest.raises(sequence_classification.ConfigError, match=message):
+        config.replace(**changes)
 
 
 # ---- what the build put in the archive --------------------------------------------------------
@@ -625,7 +622,7 @@ class RowLoop(nn.Module):
 def plant(monkeypatch, wrapper: type[nn.Module]) -> None:
     """The export loads the real tiny checkpoint, wrapped in a model that traces badly."""
     monkeypatch.setattr(
-        text_classification, "load_classifier", lambda folder: wrapper(load_classifier(folder))
+        sequence_classification, "load_classifier", lambda folder: wrapper(load_classifier(folder))
     )
 
 
@@ -700,7 +697,7 @@ def test_bad_setup_config_fails_at_load_naming_the_key(
     config_path = tmp_path / "setup_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
     with pytest.raises(ValueError, match=message):
-        TransformerClassificationHandler().initialize(make_context(tmp_path, manifest))
+        SequenceClassificationHandler().initialize(make_context(tmp_path, manifest))
 
 
 @pytest.mark.parametrize(

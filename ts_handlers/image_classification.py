@@ -10,62 +10,67 @@ from __future__ import annotations
 import importlib
 import io
 import re
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
+from pydantic import model_validator
 
 from ts_handlers.base import Decoded, TaskHandler, entry_point, top_k_labels
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
+from ts_handlers.config import (
+    SETUP_CONFIG_FILE,
+    ConfigError,
+    FloatTuple,
+    HandlerConfig,
+    IntTuple,
+    OptionInt,
+    PositiveInt,
+    RequestOptions,
+)
 from ts_handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ts_handlers.export import ExportPlan
-from ts_handlers.payload import Request, decode_base64, int_option, reject_unknown_fields
+from ts_handlers.payload import Request, decode_base64, reject_unknown_fields
+from ts_handlers.tasks import Task
 
 COLOR_MODES = ("L", "RGB")
 # The bits per sample a raw mode names: "RGBA;16B" -> 16, "F;32F" -> 32.
 _RAW_SAMPLE_BITS = re.compile(r";(\d+)")
 
 
-@dataclass(frozen=True)
-class ImageClassifierConfig(HandlerConfig):
-    mode: str = "image_classification"
-    export_method: str = "script"
-    color_mode: str = "L"
-    image_size: tuple[int, ...] = (28, 28)  # height, width
-    mean: tuple[float, ...] = (0.1307,)
-    std: tuple[float, ...] = (0.3081,)
-    top_k: int = 5
+class ImageClassificationConfig(HandlerConfig):
+    mode: Literal["image_classification"] = "image_classification"
+    save_mode: Literal["torchscript"] = "torchscript"
+    export_method: Literal["trace", "script"] = "script"
+    color_mode: Literal["L", "RGB"] = "L"
+    image_size: IntTuple = (28, 28)  # height, width
+    mean: FloatTuple = (0.1307,)
+    std: FloatTuple = (0.3081,)
+    top_k: PositiveInt = 5
     # Larger images get 413 before they are decoded; Pillow's own bomb guard stays on as well.
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: PositiveInt = 4096 * 4096
     # Bytes the decoded pixels take, width x height x bands x bytes per sample as the image
     # header states them (a 16-bit RGBA PNG is 8 bytes a pixel); more: 413 before decoding.
     # The default is a 4096 x 4096 RGB image at 8 bits.
-    max_image_bytes: int = 4096 * 4096 * 3
+    max_image_bytes: PositiveInt = 4096 * 4096 * 3
 
-    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **HandlerConfig.CHOICES,
-        "mode": ("image_classification",),
-        "save_mode": ("torchscript",),
-        "color_mode": COLOR_MODES,
-    }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    @model_validator(mode="after")
+    def _shapes_fit_the_colour_mode(self) -> ImageClassificationConfig:
         channels = len(self.color_mode)
         if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ConfigError(f"image_size must be [height, width], got {list(self.image_size)}")
+            raise ValueError(f"image_size must be [height, width], got {list(self.image_size)}")
         if len(self.mean) != channels or len(self.std) != channels:
-            raise ConfigError(
+            raise ValueError(
                 f"mean and std need {channels} value(s) for color_mode {self.color_mode!r}, "
                 f"got {len(self.mean)} and {len(self.std)}"
             )
         if min(self.std) <= 0:
-            raise ConfigError("std values must be positive")
-        for key in ("top_k", "max_image_pixels", "max_image_bytes"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+            raise ValueError("std values must be positive")
+        return self
+
+
+class ImageClassificationOptions(RequestOptions):
+    top_k: OptionInt | None = None
 
 
 def decoded_bytes(image: Image.Image) -> int:
@@ -121,7 +126,7 @@ def open_image(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Im
     return image
 
 
-def image_to_tensor(image: Image.Image, config: ImageClassifierConfig) -> torch.Tensor:
+def image_to_tensor(image: Image.Image, config: ImageClassificationConfig) -> torch.Tensor:
     """Colour conversion, resize and normalisation; the trainer uses this too, so train = serve."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -139,8 +144,12 @@ def image_to_tensor(image: Image.Image, config: ImageClassifierConfig) -> torch.
     return (pixels - mean) / std
 
 
-class ImageClassifierHandler(TaskHandler[ImageClassifierConfig]):
-    config_class = ImageClassifierConfig
+class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
+    config_class = ImageClassificationConfig
+    options_class = ImageClassificationOptions
+
+    def with_defaults(self, options: ImageClassificationOptions) -> Any:
+        return options.model_copy(update={"top_k": options.top_k or self.config.top_k})
 
     def setup(self) -> None:
         if self.labels is None:
@@ -163,7 +172,7 @@ class ImageClassifierHandler(TaskHandler[ImageClassifierConfig]):
                     "send one image per request"
                 )
             # "image" is another name for "data"
-            reject_unknown_fields(payload, ("data", "image", "top_k"))
+            reject_unknown_fields(payload, ("data", "image", *self.options_class.names()))
             if "data" in payload and "image" in payload:
                 raise InvalidInput('send the image as "data" or as "image", not both')
             data = payload.get("data", payload.get("image"))
@@ -172,9 +181,9 @@ class ImageClassifierHandler(TaskHandler[ImageClassifierConfig]):
             raw = decode_base64(data, what='"data"')
         elif raw is None or not _is_image_signature(raw):
             raw = self._bytes_or_base64(request, raw)
-        top_k = int_option("top_k", request.option("top_k", payload), self.config.top_k)
+        options = self.read_options(request, payload)
         image = open_image(raw, self.config.max_image_pixels, self.config.max_image_bytes)
-        return Decoded(inputs=[image_to_tensor(image, self.config)], options={"top_k": top_k})
+        return Decoded(inputs=[image_to_tensor(image, self.config)], options=options)
 
     @staticmethod
     def _bytes_or_base64(request: Request, raw: bytes | None) -> bytes:
@@ -192,7 +201,7 @@ class ImageClassifierHandler(TaskHandler[ImageClassifierConfig]):
         return list(probabilities)
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
-        return top_k_labels(outputs[0], self.labels, decoded.options["top_k"])
+        return top_k_labels(outputs[0], self.labels, decoded.options.top_k)
 
 
 def _is_image_signature(raw: bytes | None) -> bool:
@@ -203,13 +212,13 @@ def _is_image_signature(raw: bytes | None) -> bool:
     return raw.startswith(signatures)
 
 
-def prepare_export(config: ImageClassifierConfig) -> ExportPlan:
+def prepare_export(config: ImageClassificationConfig) -> ExportPlan:
     """Loads the model the config names and plans verification on several batch sizes.
 
     The model maps ``(N, C, H, W)`` float images (``C`` from ``color_mode``, ``H, W`` from
     ``image_size``, normalised with ``mean``/``std``) to ``(N, num_classes)`` logits.
     """
-    from ts_handlers import user_files
+    from ts_handlers.tools import user_files
 
     kind = user_files.user_model_kind(config)
     model: torch.nn.Module | None = None
@@ -269,11 +278,17 @@ def _num_classes(model: Any, images: torch.Tensor) -> int:
     return int(logits.shape[-1])
 
 
-handle = entry_point(ImageClassifierHandler)
+handle = entry_point(ImageClassificationHandler)
+TASK = Task(
+    ImageClassificationConfig,
+    ImageClassificationOptions,
+    ImageClassificationHandler,
+    prepare_export,
+)
 
 __all__ = [
-    "ImageClassifierConfig",
-    "ImageClassifierHandler",
+    "ImageClassificationConfig",
+    "ImageClassificationHandler",
     "handle",
     "image_to_tensor",
     "prepare_export",

@@ -19,24 +19,25 @@ handler so one archive serves both ``normalize`` settings.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import ConfigError
+from ts_handlers.config import ConfigError, PositiveInt
 from ts_handlers.export import ExportError, ExportPlan
-from ts_handlers.payload import bool_option
+from ts_handlers.tasks import Task
 from ts_handlers.text import (
     MAX_FLOAT_CHARS,
     TextConfig,
     TextHandler,
+    TextOptions,
     answer_bytes,
     load_tokenizer,
     output_width,
@@ -67,34 +68,24 @@ SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
 RESOLVED_KEYS = ("embedding_dimension", "normalize_result", "max_length")
 
 
-@dataclass(frozen=True)
 class SentenceEmbeddingConfig(TextConfig):
-    mode: str = "sentence_embedding"
+    mode: Literal["sentence_embedding"] = "sentence_embedding"
+    # The pooled graph is only ever served exported; there is no eager serving path.
+    save_mode: Literal["torchscript"] = "torchscript"
     # None: read from the sentence-transformers folder at export (max_seq_length).
-    max_length: int | None = None  # type: ignore[assignment]
-    embedding_dimension: int | None = None
+    max_length: Annotated[int, Field(ge=2)] | None = None
+    embedding_dimension: PositiveInt | None = None
     # One of POOLING_MODES, or several joined by commas ("mean,max": the vectors concatenated,
     # so twice the dimension). None: the folder's own.
     pooling_mode: str | None = None
     # The default of the per-request "normalize" option: True when the folder ends in Normalize.
     normalize_result: bool | None = None
 
-    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **TextConfig.CHOICES,
-        "mode": ("sentence_embedding",),
-        # The pooled graph is only ever served exported; there is no eager serving path.
-        "save_mode": ("torchscript",),
-    }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()  # TextConfig checks max_length once the export resolved it
-        if self.pooling_mode is not None:
-            # opensearch-py-ml writes "MEAN"; accept it so its model configs carry over.
-            object.__setattr__(self, "pooling_mode", check_pooling_mode(self.pooling_mode))
-        if self.embedding_dimension is not None and self.embedding_dimension < 1:
-            raise ConfigError(
-                f"embedding_dimension must be positive, got {self.embedding_dimension}"
-            )
+    @field_validator("pooling_mode")
+    @classmethod
+    def _known_pooling_mode(cls, mode: str | None) -> str | None:
+        # opensearch-py-ml writes "MEAN"; accept it so its model configs carry over.
+        return None if mode is None else check_pooling_mode(mode)  # its ConfigError is a ValueError
 
     @property
     def unresolved(self) -> list[str]:
@@ -119,6 +110,11 @@ def check_pooling_mode(mode: Any) -> str:
     )
 
 
+class SentenceEmbeddingOptions(TextOptions):
+    # L2-normalise the embeddings; None: the archive's normalize_result.
+    normalize: bool | None = None
+
+
 class PooledEncoder(nn.Module):
     """Transformer + pooling as one traceable graph: (input_ids, attention_mask) -> (batch, dim).
 
@@ -141,21 +137,20 @@ class PooledEncoder(nn.Module):
 
 class SentenceEmbeddingHandler(TextHandler):
     config_class = SentenceEmbeddingConfig
-    request_options = ("normalize", "truncate")
+    options_class = SentenceEmbeddingOptions
 
     def setup(self) -> None:
         if self.config.unresolved:
             raise ConfigError(
-                f"setup_config.json has no {', '.join(self.config.unresolved)}; build the archive "
-                "with `python -m ts_handlers.build`, which resolves them from the model folder"
+                f"setup_config.json has no {', '.join(self.config.unresolved)}; build the "
+                "archive with `python -m ts_handlers.tools.build`, which resolves them from the "
+                "model folder"
             )
         super().setup()
 
-    def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
-        options = super().parse_options(raw)
-        options["normalize"] = bool_option(
-            "normalize", raw.get("normalize"), self.config.normalize_result
-        )
+    def with_defaults(self, options: SentenceEmbeddingOptions) -> Any:
+        if options.normalize is None:
+            return options.model_copy(update={"normalize": self.config.normalize_result})
         return options
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -167,7 +162,7 @@ class SentenceEmbeddingHandler(TextHandler):
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
         embeddings = torch.stack(outputs)
-        if decoded.options["normalize"]:
+        if decoded.options.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         # Always a list of vectors, also for one string: clients index the answer the same way.
         return embeddings.tolist()
@@ -315,7 +310,7 @@ def _pooling_class() -> Any:
 
 
 def prepare_export(config: SentenceEmbeddingConfig) -> ExportPlan:
-    from ts_handlers import user_files
+    from ts_handlers.tools import user_files
 
     if user_files.user_model_kind(config):
         return _plan_user_encoder(config)
@@ -350,7 +345,7 @@ def prepare_export(config: SentenceEmbeddingConfig) -> ExportPlan:
         "max_length": max_length,
         "do_lower_case": config.do_lower_case or folder.do_lower_case,
     }
-    resolved_config = dataclasses.replace(config, **resolved)
+    resolved_config = config.replace(**resolved)
     encoder = PooledEncoder(model, pooling).eval()
     plan = text_export_plan(
         resolved_config,
@@ -369,7 +364,7 @@ def _plan_user_encoder(config: SentenceEmbeddingConfig) -> ExportPlan:
     ``model_name`` is the tokenizer folder, or a sentence-transformers folder (its sequence
     limit and Normalize module are then read from it).
     """
-    from ts_handlers import user_files
+    from ts_handlers.tools import user_files
 
     folder = Path(config.model_name)
     if not config.model_name or not folder.is_dir():
@@ -409,7 +404,7 @@ def _plan_user_encoder(config: SentenceEmbeddingConfig) -> ExportPlan:
         "do_lower_case": config.do_lower_case or bool(st_folder and st_folder.do_lower_case),
     }
     plan = text_export_plan(
-        dataclasses.replace(config, **resolved),
+        config.replace(**resolved),
         model,
         tokenizer,
         tokenizer_files(tokenizer_dir),
@@ -421,3 +416,6 @@ def _plan_user_encoder(config: SentenceEmbeddingConfig) -> ExportPlan:
 
 
 handle = entry_point(SentenceEmbeddingHandler)
+TASK = Task(
+    SentenceEmbeddingConfig, SentenceEmbeddingOptions, SentenceEmbeddingHandler, prepare_export
+)

@@ -1,4 +1,4 @@
-"""ImageClassifierHandler on a tiny exported model, driven through a real ts.context.Context."""
+"""ImageClassificationHandler on a tiny exported model, driven through a real ts.context.Context."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import pytest
 from harness import body_headers, make_context, unpack_archive
 from PIL import Image
 
-from ts_handlers.vision import ImageClassifierConfig, ImageClassifierHandler, image_to_tensor
+from ts_handlers.image_classification import (
+    ImageClassificationConfig,
+    ImageClassificationHandler,
+    image_to_tensor,
+)
 
 
 def encode(image: Image.Image, image_format: str = "PNG") -> bytes:
@@ -157,12 +161,12 @@ def test_explanations_are_refused_with_a_4xx(batch):
 
 
 def test_preprocessing_matches_the_configured_normalisation():
-    config = ImageClassifierConfig(image_size=(4, 6))
+    config = ImageClassificationConfig(image_size=(4, 6))
     tensor = image_to_tensor(Image.new("L", (10, 10), color=255), config)
     assert tensor.shape == (1, 4, 6)
     expected = (1.0 - 0.1307) / 0.3081
     assert float(tensor.min()) == pytest.approx(expected, rel=1e-5)
-    rgb = ImageClassifierConfig(color_mode="RGB", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    rgb = ImageClassificationConfig(color_mode="RGB", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert image_to_tensor(Image.new("L", (3, 3)), rgb).shape == (3, 28, 28)
 
 
@@ -179,13 +183,13 @@ def test_bad_setup_config_fails_at_load_naming_the_key(tiny_vision_archive, tmp_
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "colour_mode": "RGB"}))
     with pytest.raises(ValueError, match="unknown key.*colour_mode.*valid keys are.*color_mode"):
-        ImageClassifierHandler().initialize(make_context(tmp_path, manifest))
+        ImageClassificationHandler().initialize(make_context(tmp_path, manifest))
 
 
 def test_describe_reports_config_and_verification(batch):
     # What TorchServe's management describe sends: one request, no body, describe=True.
     [(code, body, _)] = batch([({}, {"describe": "True"})])
     assert code == 200
-    assert body["handler"] == "ImageClassifierHandler"
+    assert body["handler"] == "ImageClassificationHandler"
     assert body["config"]["image_size"] == [16, 16]
     assert body["export"]["verification"]["dynamic_shapes"]["passed"] is True
