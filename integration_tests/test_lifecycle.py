@@ -40,7 +40,7 @@ def test_register_deploy_scale_undeploy_delete(torchserve):
             ARCHIVE, model_name=NAME, initial_workers=1, timeout=LIFECYCLE_TIMEOUT
         )
         assert NAME in answer["status"]
-        assert NAME in [model["modelName"] for model in client.list()]
+        assert NAME in [model["modelName"] for model in client.list_models()]
         described = client.describe(NAME)
         assert described["modelName"] == NAME
         assert described["batchSize"] == client.describe("minilm")["batchSize"]  # model-config
@@ -64,7 +64,7 @@ def test_register_deploy_scale_undeploy_delete(torchserve):
         # undeploy: still registered, no workers, so inference is refused
         client.scale(NAME, 0, timeout=LIFECYCLE_TIMEOUT)
         assert workers(client, NAME) == []
-        assert NAME in [model["modelName"] for model in client.list()]
+        assert NAME in [model["modelName"] for model in client.list_models()]
         with pytest.raises(TorchServeError) as refused:
             client.embed(NAME, TEXTS)
         assert refused.value.status_code >= 500
@@ -77,7 +77,7 @@ def test_register_deploy_scale_undeploy_delete(torchserve):
             client.describe(NAME)
         assert deleted.value.status_code == 404
         assert deleted.value.error_type == "ModelNotFoundException"
-        assert NAME not in [model["modelName"] for model in client.list()]
+        assert NAME not in [model["modelName"] for model in client.list_models()]
     finally:
         with contextlib.suppress(TorchServeError):  # already gone when the cycle completed
             client.unregister(NAME)

@@ -230,7 +230,7 @@ def test_from_key_file_uses_each_key_on_its_own_api(
 
     with TorchServeClient.from_key_file(key_file, inference.url, management.url) as ts:
         assert ts.ping() is True
-        assert ts.list() == []
+        assert ts.list_models() == []
 
     assert only(inference).headers["authorization"] == f"Bearer {INFERENCE_KEY}"
     assert only(management).headers["authorization"] == f"Bearer {MANAGEMENT_KEY}"
@@ -255,7 +255,7 @@ def test_rejected_token_raises_with_server_message(
 ) -> None:
     management.reply("GET", "/models", INVALID_KEY, status=400)
     with pytest.raises(TorchServeError) as info:
-        client.list()
+        client.list_models()
     assert info.value.status_code == 400
     assert info.value.error_type == "InvalidKeyException"
     assert info.value.message.startswith("Token Authorization failed")
@@ -405,7 +405,7 @@ def test_list_follows_page_tokens_until_an_empty_page(
     for page in pages:
         management.reply("GET", "/models", page)
 
-    models = client.list(page_size=2)
+    models = client.list_models(page_size=2)
 
     assert [m["modelName"] for m in models] == ["a", "a", "b", "b"]
     assert [s.query for s in management.seen] == [
@@ -420,7 +420,7 @@ def test_list_stops_on_a_page_without_token(
 ) -> None:
     management.reply("GET", "/models", {"models": [{"modelName": "echo", "modelUrl": "echo.mar"}]})
 
-    assert client.list() == [{"modelName": "echo", "modelUrl": "echo.mar"}]
+    assert client.list_models() == [{"modelName": "echo", "modelUrl": "echo.mar"}]
     assert only(management).query == {"limit": ["100"]}
 
 

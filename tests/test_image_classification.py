@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
+from typing import Any
 
 import numpy as np
 import pytest
-from harness import body_headers, make_context, unpack_archive
+from harness import body_headers, make_context, run_batch, unpack_archive
 from PIL import Image
 
 from ts_handlers.image_classification import (
@@ -193,3 +196,41 @@ def test_describe_reports_config_and_verification(batch):
     assert body["handler"] == "ImageClassificationHandler"
     assert body["config"]["image_size"] == [16, 16]
     assert body["export"]["verification"]["dynamic_shapes"]["passed"] is True
+
+
+class MetricsRecorder:
+    """Stands in for TorchServe's metrics cache: records add_time calls."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float, str]] = []
+
+    def add_time(self, name: str, value: float, idx: Any = None, unit: str = "ms") -> None:
+        self.times.append((name, value, unit))
+
+
+def test_handler_time_is_recorded_as_torchserve_records_it(vision_handler):
+    recorder = MetricsRecorder()
+    context = vision_handler.context
+    context.metrics = recorder
+    try:
+        run_batch(vision_handler, [({"body": bytearray(PNG)}, body_headers("image/png"))])
+    finally:
+        context.metrics = None
+    [(name, value, unit)] = recorder.times
+    assert name == "HandlerTime" and unit == "ms" and value > 0
+
+
+def test_importing_a_task_has_no_side_effects():
+    """No BaseHandler: no optional-backend messages, TF32 untouched, no transformers."""
+    probe = (
+        "import sys, torch\n"
+        "before = torch.backends.cuda.matmul.allow_tf32\n"
+        "import ts_handlers.image_classification\n"
+        "assert torch.backends.cuda.matmul.allow_tf32 == before\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('transformers', 'captum', 'sentence_transformers') or m == 'ts.torch_handler']\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""

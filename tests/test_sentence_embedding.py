@@ -574,7 +574,7 @@ def test_export_without_sentence_transformers_says_how_to_install(
     for name in [name for name in sys.modules if name.startswith("sentence_transformers")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     config_dir = write_config(tmp_path / "config", mean_served.folder)
-    with pytest.raises(ExportError, match=r"pip install 'ts-handlers\[demo\]'"):
+    with pytest.raises(ExportError, match=r"pip install 'ts-handlers\[export\]'"):
         build_archive(config_dir, tmp_path / "store", force=True)
     assert not (tmp_path / "store").exists()
 

@@ -295,7 +295,7 @@ def _pooling_class() -> Any:
     """
     needs = (
         "exporting a sentence_embedding model needs sentence-transformers >= 6 (only to export; "
-        "the archive serves without it): pip install 'ts-handlers[demo]' or "
+        "the archive serves without it): pip install 'ts-handlers[export]' or "
         "pip install 'sentence-transformers>=6'"
     )
     try:

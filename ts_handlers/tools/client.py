@@ -20,7 +20,6 @@ no" apart from "there is no server".
 
 from __future__ import annotations
 
-import builtins
 import json
 import time
 from collections.abc import Sequence
@@ -186,14 +185,14 @@ class TorchServeClient:
         """
         return self._management("DELETE", _path("models", name, version)).json()
 
-    def list(self, *, page_size: int = 100) -> builtins.list[ModelInfo]:
+    def list_models(self, *, page_size: int = 100) -> list[ModelInfo]:
         """Return every registered model as ``{"modelName": ..., "modelUrl": ...}``.
 
         Only each model's default version is listed.  TorchServe pages the listing and hands out a
         ``nextPageToken`` whenever a page is full, even if the next page is empty, so we stop
         on an empty page as well as on a missing token.
         """
-        models: builtins.list[ModelInfo] = []
+        models: list[ModelInfo] = []
         token: str | None = None
         while True:
             params: dict[str, Any] = {"limit": page_size}

@@ -1,0 +1,162 @@
+"""A task from another package: registered through the ``ts_handlers.tasks`` entry points.
+
+The package below is written to a temporary folder, installed with pip (``--target``, offline),
+found by the build through its entry point, archived, and served by a real TorchServe whose
+workers see it on PYTHONPATH. Nothing in ts_handlers names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from ts_handlers.tools.server import LocalTorchServe
+
+PACKAGE = {
+    "pyproject.toml": """
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "ts-tiny-task"
+version = "0.1.0"
+
+[project.entry-points."ts_handlers.tasks"]
+vector_scoring = "ts_tiny_task:TASK"
+""",
+    "ts_tiny_task/__init__.py": '''
+"""vector_scoring: a float vector in, one score per output out."""
+
+from typing import Any, Literal
+
+import torch
+
+from ts_handlers.base import Decoded, TaskHandler, entry_point
+from ts_handlers.config import HandlerConfig, PositiveInt, RequestOptions
+from ts_handlers.errors import InvalidInput
+from ts_handlers.export import ExportPlan
+from ts_handlers.tasks import Task
+
+
+class VectorScoringConfig(HandlerConfig):
+    mode: Literal["vector_scoring"] = "vector_scoring"
+    features: PositiveInt = 4
+
+
+class VectorScoringHandler(TaskHandler[VectorScoringConfig]):
+    config_class = VectorScoringConfig
+
+    def decode(self, request: Any) -> Decoded:
+        vector = request.json()
+        if not isinstance(vector, list) or len(vector) != self.config.features:
+            raise InvalidInput(f"send a JSON list of {self.config.features} numbers")
+        return Decoded(inputs=[torch.tensor(vector, dtype=torch.float32)])
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.model(torch.stack(inputs)))
+
+    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+        return outputs[0].tolist()
+
+
+def prepare_export(config: VectorScoringConfig) -> ExportPlan:
+    from ts_handlers.tools import user_files
+
+    model = user_files.load_model_file(
+        config.model_file, config.model_class, config.serialized_file
+    )
+    batches = [(torch.randn(n, config.features),) for n in (1, 3, 8)]
+    return ExportPlan(model=model, example_inputs=batches[1], verify_inputs=batches)
+
+
+handle = entry_point(VectorScoringHandler)
+TASK = Task(VectorScoringConfig, RequestOptions, VectorScoringHandler, prepare_export)
+''',
+}
+MODEL_FILE = """
+import torch
+from torch import nn
+
+
+class Scorer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.linear(vectors)
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package pip-installed into its own folder; returns that folder (for PYTHONPATH)."""
+    root = tmp_path_factory.mktemp("third_party")
+    source = root / "src"
+    for name, text in PACKAGE.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(text.lstrip())
+    site = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+        + ["--no-build-isolation", "--target", str(site), str(source)],
+        check=True,
+    )
+    return site
+
+
+def test_a_third_party_task_is_built_and_served(installed: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    listing = subprocess.run(
+        [sys.executable, "-m", "ts_handlers.tools.build", "--list-tasks"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "vector_scoring" in listing and "ts_tiny_task:handle" in listing
+
+    config_dir = tmp_path / "scorer"
+    config_dir.mkdir()
+    (config_dir / "scorer.py").write_text(MODEL_FILE)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(MODEL_FILE, namespace)
+    model = namespace["Scorer"]().eval()
+    torch.save(model.state_dict(), config_dir / "scorer.pt")
+    setup = {
+        "mode": "vector_scoring",
+        "model_file": "scorer.py",
+        "serialized_file": "scorer.pt",
+        "export_method": "trace",
+    }
+    (config_dir / "setup_config.json").write_text(json.dumps(setup))
+    store = tmp_path / "store"
+    build = subprocess.run(
+        [sys.executable, "-m", "ts_handlers.tools.build", str(config_dir)]
+        + ["--model-store", str(store)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    assert "verification against eager" in build.stdout and "PASSED" in build.stdout
+
+    vector = [0.5, -1.0, 2.0, 0.25]
+    with torch.no_grad():
+        expected = model(torch.tensor([vector]))[0].tolist()
+    with LocalTorchServe(store, ["scorer.mar"], env={"PYTHONPATH": str(installed)}) as server:
+        url = f"{server.inference_url}/predictions/scorer"
+        answer = requests.post(url, json=vector, headers=server.auth_headers(), timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == pytest.approx(expected, abs=1e-6)
+        wrong = requests.post(url, json=[1.0], headers=server.auth_headers(), timeout=30)
+        assert wrong.status_code == 400 and "4 numbers" in wrong.json()["message"]
