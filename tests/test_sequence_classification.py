@@ -622,7 +622,9 @@ class RowLoop(nn.Module):
 def plant(monkeypatch, wrapper: type[nn.Module]) -> None:
     """The export loads the real tiny checkpoint, wrapped in a model that traces badly."""
     monkeypatch.setattr(
-        sequence_classification, "load_classifier", lambda folder: wrapper(load_classifier(folder))
+        sequence_classification,
+        "load_classifier",
+        lambda folder, *rest: wrapper(load_classifier(folder, *rest)),
     )
 
 

@@ -39,11 +39,11 @@ from ts_handlers.text import (
     TextHandler,
     TextOptions,
     answer_bytes,
+    load_pretrained,
     load_tokenizer,
     output_width,
     text_export_plan,
     tokenizer_files,
-    use_offline_hub,
 )
 
 # sentence-transformers' pooling modes (its Pooling.POOLING_MODES; opensearch-py-ml writes the
@@ -255,10 +255,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_encoder(folder: Path) -> nn.Module:
-    use_offline_hub()
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    return load_pretrained("AutoModel", folder)
 
 
 def load_pooling(pooling_dir: Path, pooling_mode: str | None = None) -> nn.Module:

@@ -36,12 +36,13 @@ from ts_handlers.text import (
     Tokenized,
     answer_bytes,
     check_tokenizer_fits,
+    checkpoint_labels,
     embedding_rows,
+    load_pretrained,
     load_tokenizer,
     output_width,
     text_export_plan,
     tokenizer_files,
-    use_offline_hub,
 )
 
 # transformers.pipeline's ``function_to_apply`` values.
@@ -302,22 +303,17 @@ def embedding_layer(model: nn.Module, name: str = "") -> tuple[str, nn.Module]:
     return name, module
 
 
-def load_classifier(folder: str | Path) -> nn.Module:
-    use_offline_hub()
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
-    return model.eval()
+def load_classifier(folder: str | Path, max_length: int | None = None) -> nn.Module:
+    return load_pretrained("AutoModelForSequenceClassification", folder, max_length)
 
 
 def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
     """Class count, labels (``id2label``) and problem type, from a checkpoint's config."""
     config = model.config
-    labels = [str(config.id2label[index]) for index in range(config.num_labels)]
     return {
         "num_labels": config.num_labels,
         "num_classes": config.num_labels,
-        "labels": labels,
+        "labels": checkpoint_labels(model),
         "problem_type": config.problem_type,
     }
 
@@ -355,13 +351,7 @@ def prepare_export(config: SequenceClassificationConfig) -> ExportPlan:
 def _plan_checkpoint(config: SequenceClassificationConfig, folder: Path) -> ExportPlan:
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model_name {config.model_name!r} is not a checkpoint folder")
-    model = load_classifier(folder)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and config.max_length > positions:
-        raise ConfigError(
-            f"max_length is {config.max_length} but the checkpoint reads at most {positions} "
-            "tokens (max_position_embeddings); lower max_length"
-        )
+    model = load_classifier(folder, config.max_length)
     metadata = checkpoint_metadata(model)
     tokenizer = load_tokenizer(folder)
     if config.save_mode != "pretrained":

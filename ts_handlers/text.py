@@ -344,6 +344,30 @@ def load_tokenizer(folder: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def load_pretrained(auto_class: str, folder: str | Path, max_length: int | None = None) -> Any:
+    """A checkpoint folder loaded by transformers' ``auto_class``, offline, in eval mode.
+
+    With ``max_length``, a length past the model's position embeddings is refused.
+    """
+    use_offline_hub()
+    import transformers
+
+    model = getattr(transformers, auto_class).from_pretrained(str(folder), local_files_only=True)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ConfigError(
+            f"max_length is {max_length} but the checkpoint reads at most {positions} "
+            "tokens (max_position_embeddings); lower max_length"
+        )
+    return model.eval()
+
+
+def checkpoint_labels(model: Any) -> list[str]:
+    """Class names from the checkpoint's ``id2label``, in class order."""
+    config = model.config
+    return [str(config.id2label[index]) for index in range(config.num_labels)]
+
+
 def use_offline_hub() -> None:
     """Nothing is downloaded at run time: every Hugging Face load in this process stays local."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -27,6 +27,8 @@ from ts_handlers.text import (
     TextHandler,
     TextOptions,
     Tokenized,
+    checkpoint_labels,
+    load_pretrained,
     load_tokenizer,
     text_export_plan,
     tokenizer_files,
@@ -122,16 +124,8 @@ def prepare_export(config: TokenClassificationConfig) -> ExportPlan:
     tokenizer = load_tokenizer(folder)  # offline from here on
     if not tokenizer.is_fast:
         raise ConfigError("token_classification needs a fast tokenizer (tokenizer.json)")
-    from transformers import AutoModelForTokenClassification
-
-    model = AutoModelForTokenClassification.from_pretrained(str(folder), local_files_only=True)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and config.max_length > positions:
-        raise ConfigError(
-            f"max_length is {config.max_length} but the checkpoint reads at most {positions} "
-            "tokens (max_position_embeddings); lower max_length"
-        )
-    labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    model = load_pretrained("AutoModelForTokenClassification", folder, config.max_length)
+    labels = checkpoint_labels(model)
     metadata = {"num_classes": len(labels), "labels": labels}
     model = LogitsOnly(model.eval()).eval()
     plan = text_export_plan(config, model, tokenizer, tokenizer_files(folder), metadata)
