@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -150,3 +151,21 @@ def test_describe_shows_the_served_config_and_verification(torchserve):
     metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
     assert metadata["config"]["mode"] == "image_classification"
     assert metadata["export"]["verification"]["dynamic_shapes"]["passed"] is True
+
+
+def test_torchserve_records_handler_and_prediction_time(
+    torchserve, inference, predict_url, heldout_digits
+):
+    """Our handlers do not inherit BaseHandler, yet TorchServe's per-model timings are there."""
+    images, _ = heldout_digits
+    assert inference.post(predict_url, data=png_bytes(images[0])).status_code == 200
+    log = torchserve.workdir / "logs" / "model_metrics.log"
+    deadline = time.monotonic() + 20
+    text = ""
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.is_file() else ""
+        if "HandlerTime" in text and "PredictionTime" in text:
+            break
+        time.sleep(0.5)
+    assert "HandlerTime.Milliseconds" in text and "ModelName:mnist" in text
+    assert "PredictionTime" in text

@@ -1,0 +1,59 @@
+"""The task registry: what the build can archive, found in one place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ts_handlers.config import ConfigError
+from ts_handlers.tasks import load_task_config, task_for, tasks
+from ts_handlers.tools import build
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILTIN = {
+    "image_classification",
+    "sequence_classification",
+    "sentence_embedding",
+    "token_classification",
+}
+
+
+def test_the_builtin_tasks_are_registered_under_their_modes():
+    registry = tasks()
+    assert set(registry) >= BUILTIN
+    for mode in BUILTIN:
+        task = registry[mode]
+        assert task.mode == mode
+        assert task.entry_point == f"ts_handlers.{mode}:handle"
+        assert task.handler.__module__ == f"ts_handlers.{mode}"  # module named after its mode
+
+
+def test_every_task_has_its_docs_page_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for mode in BUILTIN:
+        assert (ROOT / "docs" / f"{mode}.md").is_file()
+        assert f"docs/{mode}.md" in readme
+
+
+def test_the_build_lists_the_registered_tasks(capsys):
+    assert build.main(["--list-tasks"]) == 0
+    listing = capsys.readouterr().out
+    for mode in tasks():
+        assert mode in listing
+
+
+def test_mode_picks_the_schema_and_an_unknown_mode_names_the_choices(tmp_path: Path):
+    path = tmp_path / "setup_config.json"
+    path.write_text(json.dumps({"mode": "token_classification", "aggregation_strategy": "max"}))
+    task, config = load_task_config(path)
+    assert task is task_for("token_classification")
+    assert config.aggregation_strategy == "max"
+
+    path.write_text(json.dumps({"mode": "image_classification", "aggregation_strategy": "max"}))
+    with pytest.raises(ConfigError, match="unknown key.*aggregation_strategy"):
+        load_task_config(path)
+    path.write_text(json.dumps({"mode": "translation"}))
+    with pytest.raises(ConfigError, match="mode='translation' is not supported; choose one of"):
+        load_task_config(path)
