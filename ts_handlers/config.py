@@ -48,6 +48,21 @@ def _not_a_bool(value: Any) -> Any:
 # A per-request count: "3" from a header or a form field reads as 3, true does not.
 OptionInt = Annotated[int, BeforeValidator(_not_a_bool), Field(ge=1)]
 
+_BOOL_TEXT = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _bool_or_its_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOL_TEXT:
+        return _BOOL_TEXT[value.strip().lower()]
+    raise PydanticCustomError("bool_type", "Input should be a valid boolean")
+
+
+# A per-request switch: true/false, or "true"/"false"/"1"/"0" from a header or a form field;
+# nothing else ("y", "on", 2) guesses.
+OptionBool = Annotated[bool, BeforeValidator(_bool_or_its_text)]
+
 
 class HandlerConfig(BaseModel):
     """Keys every task understands.

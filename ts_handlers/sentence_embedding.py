@@ -30,7 +30,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import ConfigError, PositiveInt
+from ts_handlers.config import ConfigError, OptionBool, PositiveInt
 from ts_handlers.export import ExportError, ExportPlan
 from ts_handlers.tasks import Task
 from ts_handlers.text import (
@@ -112,7 +112,7 @@ def check_pooling_mode(mode: Any) -> str:
 
 class SentenceEmbeddingOptions(TextOptions):
     # L2-normalise the embeddings; None: the archive's normalize_result.
-    normalize: bool | None = None
+    normalize: OptionBool | None = None
 
 
 class PooledEncoder(nn.Module):

@@ -28,6 +28,7 @@ from ts_handlers.config import (
     SETUP_CONFIG_FILE,
     ConfigError,
     HandlerConfig,
+    OptionBool,
     PositiveInt,
     RequestOptions,
 )
@@ -103,7 +104,7 @@ class TextOptions(RequestOptions):
     """Options every text task accepts; a task's own options class extends this one."""
 
     # Cut a text longer than max_length (true, what the pipelines do) or refuse it with 413.
-    truncate: bool = True
+    truncate: OptionBool = True
 
 
 @dataclass
