@@ -126,14 +126,17 @@ def parse_config(config_class: type[ConfigT], raw: Mapping[str, Any], source: st
 
 def load_config(config_class: type[ConfigT], path: str | Path) -> ConfigT:
     """Reads and parses a setup_config.json file."""
-    path = Path(path)
+    return parse_config(config_class, read_config_file(Path(path)), str(path))
+
+
+def read_config_file(path: Path) -> Any:
+    """The JSON of a setup_config.json, or a ConfigError saying why there is none."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing; every archive needs a {SETUP_CONFIG_FILE}") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path} is not valid JSON: {error}") from None
-    return parse_config(config_class, raw, str(path))
 
 
 # pydantic's error type -> what the value must be, in the words of a JSON file.

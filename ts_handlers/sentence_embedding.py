@@ -379,13 +379,7 @@ def _plan_user_encoder(config: SentenceEmbeddingConfig) -> ExportPlan:
             f"{folder} states no sequence limit; set max_length (the longest input, in tokens, "
             "the model was traced or trained for)"
         )
-    exported = None
-    if config.model_file:
-        model = user_files.load_model_file(
-            config.model_file, config.model_class, config.serialized_file
-        )
-    else:
-        model = exported = user_files.load_torchscript(config.serialized_file)
+    model, exported = user_files.load_user_model(config)
     dimension = output_width(model, tokenizer, max_length)
     if config.embedding_dimension not in (None, dimension):
         raise ConfigError(

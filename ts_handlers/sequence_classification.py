@@ -396,13 +396,7 @@ def _plan_user_model(config: SequenceClassificationConfig, folder: Path) -> Expo
     from ts_handlers.tools import user_files
 
     tokenizer = load_tokenizer(folder)
-    exported = None
-    if config.model_file:
-        model = user_files.load_model_file(
-            config.model_file, config.model_class, config.serialized_file
-        )
-    else:
-        model = exported = user_files.load_torchscript(config.serialized_file)
+    model, exported = user_files.load_user_model(config)
     checkpoint = _read_json(folder / "config.json")
     num_classes = output_width(model, tokenizer, config.max_length)
     id2label = checkpoint.get("id2label") or {}

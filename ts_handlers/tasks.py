@@ -19,7 +19,6 @@ read.
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ts_handlers.config import (
-    SETUP_CONFIG_FILE,
     ConfigError,
     HandlerConfig,
     RequestOptions,
     parse_config,
+    read_config_file,
 )
 
 if TYPE_CHECKING:
@@ -88,12 +87,7 @@ def task_for(mode: Any) -> Task:
 
 def load_task_config(path: Path) -> tuple[Task, HandlerConfig]:
     """A setup_config.json of any task: its ``mode`` picks the task, whose schema parses it."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} is missing; every archive needs a {SETUP_CONFIG_FILE}") from None
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path} is not valid JSON: {error}") from None
+    raw = read_config_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     try:

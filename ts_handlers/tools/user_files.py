@@ -27,7 +27,13 @@ from torch import nn
 from ts_handlers.config import ConfigError
 from ts_handlers.export import one_at_a_time
 
-__all__ = ["load_model_file", "load_state_dict", "load_torchscript", "one_at_a_time"]
+__all__ = [
+    "load_model_file",
+    "load_state_dict",
+    "load_torchscript",
+    "load_user_model",
+    "one_at_a_time",
+]
 
 
 def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
@@ -48,6 +54,15 @@ def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
             f"); {hint}"
         ) from None
     return module.eval()
+
+
+def load_user_model(config: Any) -> tuple[nn.Module, torch.jit.ScriptModule | None]:
+    """(the model to run, and the same graph again when it is the user's own TorchScript file:
+    there is then nothing to export and no eager model to verify against)."""
+    if config.model_file:
+        return load_model_file(config.model_file, config.model_class, config.serialized_file), None
+    scripted = load_torchscript(config.serialized_file)
+    return scripted, scripted
 
 
 def load_model_file(
