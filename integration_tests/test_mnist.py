@@ -167,5 +167,5 @@ def test_torchserve_records_handler_and_prediction_time(
         if "HandlerTime" in text and "PredictionTime" in text:
             break
         time.sleep(0.5)
-    assert "HandlerTime.Milliseconds" in text and "ModelName:mnist" in text
+    assert "HandlerTime.ms" in text and "ModelName:mnist" in text
     assert "PredictionTime" in text

@@ -441,3 +441,21 @@ def test_image_bytes(vision_handler):
     assert_refused(results[1], "max_image_bytes", f"{65 * 64 * 3} bytes", f"at most {limit}")
     assert_refused(results[2], "max_image_bytes", f"{64 * 64 * 8} bytes")
     assert results[3][0] == 200
+
+
+def test_a_batch_runs_at_most_max_tokens_per_batch_the_rest_get_429(classifier):
+    texts = ["the movie was great and the acting was superb"] * 4
+    cost = sum(len(classifier.tokenizer(text)["input_ids"]) for text in texts)
+    request = ask({"inputs": texts})
+    with limits(classifier, max_tokens_per_request=cost, max_tokens_per_batch=2 * cost):
+        results = run_batch(classifier, [request, request, request, GOOD])
+    assert [status for status, _, _ in results] == [200, 200, 429, 429]
+    status, body, headers = results[2]
+    assert body["type"] == "TooManyRequests" and "max_tokens_per_batch" in body["message"]
+    assert headers["Retry-After"] == "1"
+    # Alone, a request at the batch budget always runs; and a config whose batch budget is
+    # below its request limit is refused.
+    with limits(classifier, max_tokens_per_request=cost, max_tokens_per_batch=cost):
+        assert [status for status, _, _ in run_batch(classifier, [request])] == [200]
+    with pytest.raises(ConfigError, match="max_tokens_per_batch .* is below max_tokens_per_req"):
+        classifier.config.replace(max_tokens_per_request=cost, max_tokens_per_batch=cost - 1)

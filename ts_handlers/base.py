@@ -50,6 +50,8 @@ BATCH_SIZE_HEADER = "X-Batch-Size"
 # The Retry-After of an explanation deferred because its batch's budget was taken: the worker
 # takes the next batch as soon as this one is answered, and the request has waited through this.
 EXPLANATION_RETRY_AFTER_S = 1
+# Likewise for a prediction past its batch's token budget: the next batch takes it.
+PREDICTION_RETRY_AFTER_S = 1
 # Config keys naming files on the build machine: never part of a describe answer.
 PRIVATE_CONFIG_KEYS = ("model_name", "serialized_file", "model_file")
 # An absolute POSIX, home-relative, Windows or file:// path inside a string.
@@ -248,6 +250,7 @@ class TaskHandler(Generic[ConfigT]):
                 answers[index] = self._internal_error(context, index)
 
         self._explain(context, explain, answers, bool(decoded))
+        self._defer_past_budget(context, decoded, answers)
         if decoded:
             self._predict(context, decoded, answers)
 
@@ -344,6 +347,47 @@ class TaskHandler(Generic[ConfigT]):
         )
         logger.info("%d explanation requests deferred: 429", len(deferred))
         for index in deferred:
+            answers[index] = self._reject(context, index, error)
+
+    def prediction_cost(self, decoded: Decoded) -> int:
+        """The work one prediction request brings, in the units of ``prediction_budget``."""
+        return 0
+
+    def prediction_budget(self) -> tuple[int, str] | None:
+        """(work one handled batch may spend on predictions, the config key that sets it);
+        None: no bound."""
+        return None
+
+    def _defer_past_budget(
+        self, context: Any, decoded: dict[int, Decoded], answers: list[Any]
+    ) -> None:
+        """Predictions that would take the batch past its budget get 429 + Retry-After.
+
+        The per-request limits bound one request; this bounds the batch (what
+        text-embeddings-inference calls max_batch_tokens), so a batch of worst requests still
+        finishes inside responseTimeout. Requests run in batch order; the first always fits
+        (a per-request limit is never above the batch budget).
+        """
+        limit = self.prediction_budget()
+        if limit is None:
+            return
+        spent, deferred = 0, []
+        for index, item in decoded.items():
+            cost = self.prediction_cost(item)
+            if spent and spent + cost > limit[0]:
+                deferred.append(index)
+            else:
+                spent += cost
+        if not deferred:
+            return
+        error = TooManyRequests(
+            f"this batch already carries {spent} of the {limit[0]} tokens a batch may run "
+            f"({limit[1]}); retry after {PREDICTION_RETRY_AFTER_S} s",
+            PREDICTION_RETRY_AFTER_S,
+        )
+        logger.info("%d prediction requests deferred: 429", len(deferred))
+        for index in deferred:
+            del decoded[index]
             answers[index] = self._reject(context, index, error)
 
     def _run_forward(self, inputs: list[Any]) -> list[Any]:

@@ -54,6 +54,8 @@ MAX_TEXTS_PER_REQUEST = 256
 # and a full TorchServe batch of such requests must finish inside responseTimeout on a small CPU
 # (measured on 2 cores: docs/limits.md).
 MAX_TOKENS_PER_REQUEST = 2048
+# Per handled batch: text-embeddings-inference's max_batch_tokens default.
+MAX_TOKENS_PER_BATCH = 16384
 # A bound on the characters one token stands for in ordinary text (English averages about 4,
 # the longest WordPiece/BPE vocabulary entries about 20). With truncation on, a text is cut to
 # max_length x CHARS_PER_TOKEN characters before tokenizing, so tokenizing costs O(max_length)
@@ -80,6 +82,9 @@ class TextConfig(HandlerConfig):
     # Tokens after truncation summed over the request's texts (each text counts max_length when
     # the archive pads every text to it). Bounds the work a request brings to a batch.
     max_tokens_per_request: PositiveInt = MAX_TOKENS_PER_REQUEST
+    # Tokens one handled batch may run, summed over its requests (text-embeddings-inference's
+    # max_batch_tokens); requests past it get 429 + Retry-After and come back in a later batch.
+    max_tokens_per_batch: PositiveInt = MAX_TOKENS_PER_BATCH
     # Bytes one answer may take, bounded from the request before the model runs. TorchServe's
     # frontend drops the worker (every request in its batch gets 500) when one answer is longer
     # than the server's max_response_size, so this must not exceed that.
@@ -91,6 +96,12 @@ class TextConfig(HandlerConfig):
             raise ValueError(
                 f"max_tokens_per_request ({self.max_tokens_per_request}) is below max_length "
                 f"({self.max_length}): one full-length text would be refused"
+            )
+        if self.max_tokens_per_batch < self.max_tokens_per_request:
+            raise ValueError(
+                f"max_tokens_per_batch ({self.max_tokens_per_batch}) is below "
+                f"max_tokens_per_request ({self.max_tokens_per_request}): the largest request "
+                "would never run"
             )
         return self
 
@@ -169,6 +180,15 @@ class TextHandler(TaskHandler[Any]):
         return Decoded(inputs=inputs, options=options, single=single)
 
     # ---- limits (docs/limits.md) -----------------------------------------------------------
+
+    def prediction_cost(self, decoded: Decoded) -> int:
+        """Token positions the request's texts will run (max_length each when padded to it)."""
+        if self.config.pad_to_max_length:
+            return self.config.max_length * len(decoded.inputs)
+        return sum(len(item.input_ids) for item in decoded.inputs)
+
+    def prediction_budget(self) -> tuple[int, str]:
+        return self.config.max_tokens_per_batch, f"{SETUP_CONFIG_FILE} max_tokens_per_batch"
 
     def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
         """An upper bound on the JSON bytes of one text's answer; 0: no bound to check."""
