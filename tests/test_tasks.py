@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,15 @@ def test_mode_picks_the_schema_and_an_unknown_mode_names_the_choices(tmp_path: P
     path.write_text(json.dumps({"mode": "translation"}))
     with pytest.raises(ConfigError, match="mode='translation' is not supported; choose one of"):
         load_task_config(path)
+
+
+def test_the_runtime_imports_no_tooling():
+    """--self-contained archives embed ts_handlers without tools/: no task may need it to serve."""
+    modules = ", ".join(f"ts_handlers.{mode}" for mode in sorted(BUILTIN))
+    probe = (
+        f"import sys, {modules}\n"
+        "tooling = sorted(m for m in sys.modules if m.startswith('ts_handlers.tools'))\n"
+        "assert not tooling, tooling\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -32,7 +32,7 @@ Reference = Callable[..., torch.Tensor]
 class ExportPlan:
     """What a task hands the generic build: a model and the inputs to check its export on.
 
-    Either ``model`` is the eager module (exported here, verified against itself), or
+    Either ``model`` is the eager module (exported here, and verified against), or
     ``exported`` is a graph the user already has (their own TorchScript file): there is no eager
     model then, and ``reference`` runs that graph one input at a time, so verification checks
     that batching (and padding) does not change any answer.

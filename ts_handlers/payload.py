@@ -40,6 +40,8 @@ JSON_TYPES = (dict, list, str, int, float, bool)
 
 # TorchServe's own default max_request_size (bytes); its frontend answers 413 above it.
 DEFAULT_MAX_REQUEST_SIZE = 6_553_500
+# And its max_response_size: an answer longer than this kills the worker (docs/limits.md).
+DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
 # A compressed body may inflate to at most this many bytes; more is a 413 (a zip bomb never
 # expands past it). Request.from_row(max_decompressed=...) overrides it.
 MAX_DECOMPRESSED_BYTES = DEFAULT_MAX_REQUEST_SIZE

@@ -34,8 +34,7 @@ from ts_handlers.config import (
 )
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan, one_at_a_time
-from ts_handlers.payload import Request, reject_unknown_fields
-from ts_handlers.tools.server import DEFAULT_MAX_RESPONSE_SIZE
+from ts_handlers.payload import DEFAULT_MAX_RESPONSE_SIZE, Request, reject_unknown_fields
 
 logger = logging.getLogger(__name__)
 

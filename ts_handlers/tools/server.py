@@ -33,16 +33,15 @@ from typing import Any
 
 import requests
 
-from ts_handlers.payload import DEFAULT_MAX_REQUEST_SIZE
+from ts_handlers.payload import DEFAULT_MAX_REQUEST_SIZE, DEFAULT_MAX_RESPONSE_SIZE
 
 KEY_FILE = "key_file.json"
 CONFIG_FILE = "config.properties"
 LOOPBACK = "127.0.0.1"
-# TorchServe's own defaults (DEFAULT_MAX_REQUEST_SIZE comes from payload.py, which caps a
-# decompressed body by it), written out so a reader of config.properties sees the limits. A
-# body over max_request_size gets the frontend's 413 (with an empty body); an answer over
+# TorchServe's own size defaults come from payload.py (the runtime bounds bodies and answers by
+# them) and are written out so a reader of config.properties sees the limits. A body over
+# max_request_size gets the frontend's 413 (with an empty body); an answer over
 # max_response_size makes the frontend drop the worker's connection, so the worker restarts.
-DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
 PORT_NAMES = ("inference", "management", "metrics", "grpc_i", "grpc_m")
 
 
