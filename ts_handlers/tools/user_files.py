@@ -159,7 +159,8 @@ def _is_torch_save(path: Path) -> bool:
 
 
 def user_model_kind(config: Any) -> str:
-    """ "torchscript_file", "model_file" or "" (the task loads model_name itself)."""
+    """Which of the user's own files the config names: ``torchscript_file``, ``model_file``, or
+    the empty string (none: the task loads ``model_name`` itself)."""
     if config.model_file:
         if not config.serialized_file:
             raise ConfigError(
