@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_sentiment import default_base, make_readable  # noqa: E402
+from train_sentiment import base_with_new_head, make_readable, prepare_training  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "datasets" / "ner.conll"
@@ -262,15 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{out} is up to date (use --force to retrain)")
         return 0
 
-    import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-    from transformers import logging as hf_logging
-
-    base = args.base if args.base is not None else default_base()
-    threads = args.threads or min(os.cpu_count() or 1, 8)
-    torch.set_num_threads(threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    base, threads = prepare_training(args)
 
     sentences = read_conll(args.data)
     train_set, heldout = split(sentences, args.heldout_fraction, args.seed)
@@ -280,17 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    # The "newly initialized classifier weights" notice is expected here: the head is new.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model = AutoModelForTokenClassification.from_pretrained(
-        base,
-        num_labels=len(LABELS),
-        id2label=ID2LABEL,
-        label2id=LABEL2ID,
-        local_files_only=True,
-    )
+    tokenizer, model = base_with_new_head("AutoModelForTokenClassification", base, LABELS)
 
     started = time.perf_counter()
     train(model, tokenizer, train_set, args)

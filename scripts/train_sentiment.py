@@ -237,6 +237,39 @@ def predict(
     return predictions
 
 
+def prepare_training(args: argparse.Namespace) -> tuple[Path, int]:
+    """Seeds, threads and the base folder, the same for every demo model trained here."""
+    import torch
+
+    base = args.base if args.base is not None else default_base()
+    threads = args.threads or min(os.cpu_count() or 1, 8)
+    torch.set_num_threads(threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return base, threads
+
+
+def base_with_new_head(
+    auto_class: str, base: Path, labels: Sequence[str]
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The shipped encoder and its tokenizer, offline, with a fresh head for ``labels``."""
+    import transformers
+    from transformers import logging as hf_logging
+
+    # The "newly initialized classifier weights" notice is expected here: the head is new.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base, local_files_only=True)
+    model = getattr(transformers, auto_class).from_pretrained(
+        base,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: index for index, name in enumerate(labels)},
+        local_files_only=True,
+    )
+    return tokenizer, model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out
@@ -244,15 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{out} is up to date (use --force to retrain)")
         return 0
 
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers import logging as hf_logging
-
-    base = args.base if args.base is not None else default_base()
-    threads = args.threads or min(os.cpu_count() or 1, 8)
-    torch.set_num_threads(threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    base, threads = prepare_training(args)
 
     rows = read_tsv(args.data)
     train_rows, heldout_rows = stratified_split(rows, args.heldout_fraction, args.seed)
@@ -262,17 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    # The "newly initialized classifier weights" notice is expected here: the head is new.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(LABELS),
-        id2label=ID2LABEL,
-        label2id=LABEL2ID,
-        local_files_only=True,
-    )
+    tokenizer, model = base_with_new_head("AutoModelForSequenceClassification", base, LABELS)
 
     started = time.perf_counter()
     train(model, tokenizer, train_rows, args)
