@@ -6,7 +6,6 @@ eager model) and a user's ``.py`` + ``state_dict`` against the user's own model.
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 from collections.abc import Iterator
@@ -17,7 +16,15 @@ import numpy as np
 import pytest
 import requests
 import torch
-from harness import PROBLEM_TYPES, TINY_TEXT_MAX_LENGTH, save_tiny_classifier, write_text_config
+from harness import (
+    PROBLEM_TYPES,
+    RGB_SETUP,
+    TINY_TEXT_MAX_LENGTH,
+    USER_MODEL_FILE,
+    UserCNN,
+    save_tiny_classifier,
+    write_text_config,
+)
 from PIL import Image
 from torch import nn
 
@@ -33,31 +40,6 @@ TEXTS = [
     "service was slow but the food was really tasty",
     "rain",
 ]
-RGB_SETUP = {
-    "mode": "image_classification",
-    "color_mode": "RGB",
-    "image_size": [32, 32],
-    "mean": [0.5, 0.5, 0.5],
-    "std": [0.25, 0.25, 0.25],
-    "top_k": 5,
-}
-
-
-class UserCNN(nn.Module):
-    """A user's 3x32x32 classifier with five classes; its source becomes the user's .py file."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten()
-        )
-        self.head = nn.Linear(8 * 16, 5)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-
-USER_MODEL_FILE = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(UserCNN)
 
 
 def user_cnn(seed: int) -> nn.Module:

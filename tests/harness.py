@@ -5,11 +5,14 @@ Kept out of conftest.py so test modules import it by a name no other test folder
 
 from __future__ import annotations
 
+import inspect
 import json
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
 from ts.context import Context, RequestProcessor
 
 
@@ -269,3 +272,33 @@ def save_tiny_classifier(folder: Path, architecture: str, problem: str, seed: in
     getattr(transformers, model_name)(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---- a user's own vision model: the class, its .py source and the setup it is served with ----
+
+RGB_SETUP = {
+    "mode": "image_classification",
+    "color_mode": "RGB",
+    "image_size": [32, 32],
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "top_k": 5,
+}
+
+
+class UserCNN(nn.Module):
+    """A user's 3x32x32 classifier with five classes; its source becomes the user's .py file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten()
+        )
+        self.head = nn.Linear(8 * 16, 5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+# What the user's model_file holds: the same class, with the imports it needs.
+USER_MODEL_FILE = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(UserCNN)

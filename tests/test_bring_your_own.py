@@ -16,8 +16,11 @@ import pytest
 import torch
 from harness import (
     PROBLEM_TYPES,
+    RGB_SETUP,
     TINY_ARCHITECTURES,
     TINY_TEXT_MAX_LENGTH,
+    USER_MODEL_FILE,
+    UserCNN,
     body_headers,
     load_text_handler,
     make_context,
@@ -317,46 +320,6 @@ def test_explanations_on_a_torchscript_archive_are_refused_at_build(
 
 
 # ---- the user's own files: vision ---------------------------------------------------------------
-
-
-class UserCNN(nn.Module):
-    """A user's 3x32x32 classifier with five classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten()
-        )
-        self.head = nn.Linear(8 * 16, 5)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-
-USER_MODEL_FILE = """
-import torch
-from torch import nn
-
-
-class UserCNN(nn.Module):
-    def __init__(self, classes: int = 5) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten()
-        )
-        self.head = nn.Linear(8 * 16, classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-"""
-RGB_SETUP = {
-    "mode": "image_classification",
-    "color_mode": "RGB",
-    "image_size": [32, 32],
-    "mean": [0.5, 0.5, 0.5],
-    "std": [0.25, 0.25, 0.25],
-    "top_k": 5,
-}
 
 
 def png(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
