@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.ts-handlers-setup
 
-.PHONY: setup archives demo test unit integration bench lint clean
+.PHONY: setup archives demo test unit integration bench bench-peers lint clean
 
 setup: $(SETUP_STAMP)
 
@@ -35,9 +35,18 @@ integration: archives
 bench: archives
 	$(PY) benchmarks/embeddings.py
 
+# Our archives against LitServe and Infinity serving the same MiniLM (docs/performance.md). The
+# peers live in their own environment, .venv-peers, set up here once; never part of `make test`.
+bench-peers: archives .venv-peers/.ts-handlers-peers
+	$(PY) benchmarks/peers.py
+
+.venv-peers/.ts-handlers-peers: scripts/setup_peers.sh constraints.txt
+	bash scripts/setup_peers.sh
+	touch $@
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf build model_store/*.mar logs
+	rm -rf build model_store/*.mar logs .venv-peers

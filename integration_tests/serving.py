@@ -14,7 +14,15 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_STORE = ROOT / "model_store"
-ARCHIVES = ["mnist.mar", "sentiment.mar", "sentiment_eager.mar", "minilm.mar", "ner.mar"]
+ARCHIVES = [
+    "mnist.mar",
+    "sentiment.mar",
+    "sentiment_eager.mar",
+    "minilm.mar",
+    "ner.mar",
+    "minilm_bf16.mar",
+    "minilm_int8.mar",
+]
 DIGITS_HELDOUT = ROOT / "build/checkpoints/digits/heldout.npz"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import torch
 from harness import body_headers, make_context, make_tiny_tokenizer, run_batch, unpack_archive
 from sentence_transformers import SentenceTransformer
 from transformers import BertConfig, BertModel
+from ts.context import RequestProcessor
 
 from ts_handlers.config import ConfigError, parse_config
 from ts_handlers.export import ExportError
@@ -224,6 +226,19 @@ def test_embeddings_match_sentence_transformers(served: Served):
     # Without "normalize" the folder decides, as encode() does with and without Normalize.
     np.testing.assert_allclose(default, normalized if served.has_normalize else raw, atol=1e-6)
     np.testing.assert_allclose(default, served.reference.encode(SENTENCES), atol=1e-5)
+
+
+def test_numbers_are_written_at_float32_precision(mean_served: Served):
+    """Each number is float32's shortest round-trip text, not float64's 17 digits."""
+    context = mean_served.handler.context
+    context.request_processor = [RequestProcessor(JSON)]
+    [answer] = mean_served.handler.handle([{"body": {"inputs": SENTENCES[:4]}}], context)
+    numbers = re.findall(r"-?\d[\d.eE+-]*", answer.decode())
+    assert len(numbers) == 4 * mean_served.dimension
+    for text in numbers:
+        value = np.float32(text)
+        assert float(np.format_float_positional(value, unique=True)) == float(text)
+        assert len(text.lstrip("-").replace(".", "").lstrip("0").split("e")[0]) <= 9
 
 
 def test_order_is_restored_across_sorted_groups(served: Served):

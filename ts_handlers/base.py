@@ -15,7 +15,6 @@ every request its own status and JSON body. A task subclass only says what is sp
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -26,6 +25,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+import orjson
 import torch
 from pydantic import ValidationError
 
@@ -397,9 +397,12 @@ class TaskHandler(Generic[ConfigT]):
             raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(inputs)} inputs")
         return outputs
 
-    def _answer(self, context: Any, index: int, produce: Callable[[], Any]) -> str:
+    def _answer(self, context: Any, index: int, produce: Callable[[], Any]) -> str | bytes:
         try:
-            body = json.dumps(produce())
+            # orjson writes a float32 (a numpy array or scalar) at float32's own precision, in
+            # the shortest text that reads back to the same value, where json.dumps writes
+            # float64's 17 digits: about half the bytes, and far less time, for embeddings.
+            body = orjson.dumps(produce(), option=orjson.OPT_SERIALIZE_NUMPY)
         except RequestError as error:
             return self._reject(context, index, error)
         except Exception:
@@ -450,8 +453,8 @@ def without_paths(value: Any) -> Any:
 def top_k_labels(probabilities: torch.Tensor, labels: list[str], k: int) -> list[dict[str, Any]]:
     scores, indices = probabilities.topk(min(k, probabilities.numel()))
     return [
-        {"label": labels[index], "score": score}
-        for score, index in zip(scores.tolist(), indices.tolist(), strict=True)
+        {"label": labels[index], "score": score}  # a float32 scalar, written at its precision
+        for score, index in zip(scores.numpy(), indices.tolist(), strict=True)
     ]
 
 

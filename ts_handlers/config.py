@@ -18,7 +18,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 SETUP_CONFIG_FILE = "setup_config.json"
@@ -91,6 +98,27 @@ class HandlerConfig(BaseModel):
     serialized_file: str = ""
     model_file: str = ""
     model_class: str = ""
+    # Precision of the exported graph (docs/performance.md). "bfloat16" and "float16" convert the
+    # weights; quantization "dynamic_int8" quantizes Linear layers to int8. A reduced precision is
+    # verified by accuracy gates against the float32 model over calibration_file (text: one input
+    # per line; images: a folder of image files), instead of within verify_atol.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["dynamic_int8"] | None = None
+    calibration_file: str = ""
+
+    @model_validator(mode="after")
+    def _one_reduced_precision(self) -> HandlerConfig:
+        if self.quantization and self.dtype != "float32":
+            raise ValueError(
+                f"quantization {self.quantization!r} runs its int8 layers on float32 inputs; "
+                f"leave dtype at 'float32' (got {self.dtype!r}), or drop quantization"
+            )
+        if (self.quantization or self.dtype != "float32") and self.save_mode == "pretrained":
+            raise ValueError(
+                "dtype and quantization apply to an exported graph; save_mode 'pretrained' "
+                "serves the checkpoint as it is (use save_mode 'torchscript')"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -26,6 +26,11 @@ METADATA_FILE = "ts_handlers.json"  # name inside TorchScript's _extra_files
 
 
 Reference = Callable[..., torch.Tensor]
+# Judges one verification case: (expected, actual, inputs) -> (figures, passed). The default
+# compares within verify_atol; reduced precision judges with its accuracy gate.
+Judge = Callable[
+    [torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], tuple[dict[str, float], bool]
+]
 
 
 @dataclass
@@ -55,6 +60,14 @@ class ExportPlan:
     # Values the export decided, written back into the archived setup_config.json.
     resolved: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # For reduced precision (precision.py): what the output is ("embedding" or "classifier"),
+    # the rows the accuracy gates compare (scores per text, image or token; None: the output
+    # itself) and the calibration set, as model inputs batched as the handler batches them.
+    output_kind: Literal["embedding", "classifier"] = "classifier"
+    gate_rows: Callable[..., torch.Tensor] | None = None
+    calibration_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # Where calibration_inputs came from, for the report.
+    calibration_source: str = ""
 
 
 class ExportError(RuntimeError):
@@ -152,7 +165,8 @@ def one_at_a_time(model: Callable[..., torch.Tensor]) -> Reference:
 
 @dataclass
 class VerificationReport:
-    atol: float
+    # What a case must meet: "atol 0.0001", or a reduced precision's gate.
+    criterion: str
     # What the exported outputs were compared with: "eager" or "one input at a time".
     reference: str = "eager"
     cases: list[dict[str, Any]] = field(default_factory=list)
@@ -170,11 +184,14 @@ class VerificationReport:
 
     def summary(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        lines = [f"verification against {self.reference} (atol {self.atol:g}): {verdict}"]
+        lines = [f"verification against {self.reference} ({self.criterion}): {verdict}"]
         for case in self.cases:
             shape = "x".join(str(size) for size in case["shape"])
             status = "ok" if case["passed"] else "MISMATCH"
-            detail = case.get("error") or f"max |diff| {case['max_abs_diff']:.2e}"
+            detail = case.get("error") or ", ".join(
+                f"{name} {value:.2e}" if name == "max_abs_diff" else f"{name} {value:.6g}"
+                for name, value in case["figures"].items()
+            )
             lines.append(f"  input {shape:>12}: {detail}  {status}")
         return "\n".join(lines)
 
@@ -185,13 +202,16 @@ def verify(
     input_sets: Iterable[Sequence[torch.Tensor]],
     atol: float,
     reference: str = "eager",
+    judge: Judge | None = None,
+    criterion: str = "",
 ) -> VerificationReport:
     """Runs both models on every input set and records the largest absolute difference.
 
+    Each case passes within ``atol``, or by ``judge`` when one is given (reduced precision).
     A non-finite output fails its case: NaN compares unequal to everything, and an infinity in
     both would otherwise pass as a difference of NaN.
     """
-    report = VerificationReport(atol=atol, reference=reference)
+    report = VerificationReport(criterion=criterion or f"atol {atol:g}", reference=reference)
     with torch.inference_mode():
         for inputs in input_sets:
             case: dict[str, Any] = {"shape": list(inputs[0].shape)}
@@ -205,7 +225,11 @@ def verify(
                 if not bool(torch.isfinite(actual).all()):
                     raise ExportError("the exported model returned NaN or infinite values")
                 diff = (expected.float() - actual.float()).abs().max().item()
-                case.update(max_abs_diff=diff, passed=diff <= atol)
+                figures, passed = {"max_abs_diff": diff}, diff <= atol
+                if judge is not None:
+                    judged, passed = judge(expected, actual, inputs)
+                    figures.update(judged)
+                case.update(max_abs_diff=diff, figures=figures, passed=passed)
             except Exception as error:  # a trace that cannot run at this shape is a failed case
                 case.update(max_abs_diff=float("inf"), passed=False, error=str(error)[:200])
             report.cases.append(case)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import io
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -248,7 +249,7 @@ def prepare_export(config: ImageClassificationConfig) -> ExportPlan:
 
     example = images(2)
     num_classes = _num_classes(exported if model is None else model, example[0])
-    return ExportPlan(
+    plan = ExportPlan(
         model=model,
         exported=exported,
         reference=reference,
@@ -256,7 +257,34 @@ def prepare_export(config: ImageClassificationConfig) -> ExportPlan:
         verify_inputs=[images(count) for count in (1, 2, 7, 32)],
         metadata={"num_classes": num_classes},
         num_classes=num_classes,
+        # Reduced precision is gated on the probabilities clients get.
+        gate_rows=lambda logits, *inputs: torch.softmax(logits, dim=-1),
     )
+    if config.calibration_file:
+        plan.calibration_inputs = calibration_images(Path(config.calibration_file), config)
+        plan.calibration_source = f"the images of {config.calibration_file}"
+    return plan
+
+
+def calibration_images(
+    folder: Path, config: ImageClassificationConfig
+) -> list[tuple[torch.Tensor]]:
+    """The folder's image files, preprocessed as requests are, in batches of the handler's size."""
+    paths = sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
+    tensors = []
+    for path in paths:
+        try:
+            image = open_image(path.read_bytes(), config.max_image_pixels, config.max_image_bytes)
+        except (InvalidInput, PayloadTooLarge):
+            continue  # not an image (a README, say)
+        tensors.append(image_to_tensor(image, config))
+    if len(tensors) < 3:
+        raise ConfigError(
+            f"calibration_file {str(folder)!r} must be a folder of image files (a few hundred, "
+            f"as varied as the traffic); found {len(tensors)} images"
+        )
+    size = config.inference_batch_size
+    return [(torch.stack(tensors[start : start + size]),) for start in range(0, len(tensors), size)]
 
 
 def _num_classes(model: Any, images: torch.Tensor) -> int:

@@ -165,7 +165,8 @@ class SentenceEmbeddingHandler(TextHandler):
         if decoded.options.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         # Always a list of vectors, also for one string: clients index the answer the same way.
-        return embeddings.tolist()
+        # A float32 array: the answer is written at float32's precision (base._answer).
+        return embeddings.numpy()
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -352,6 +353,7 @@ def prepare_export(config: SentenceEmbeddingConfig) -> ExportPlan:
         metadata=dict(resolved),
     )
     plan.resolved.update(resolved)
+    plan.output_kind = "embedding"
     return plan
 
 

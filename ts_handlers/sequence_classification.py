@@ -342,9 +342,12 @@ def prepare_export(config: SequenceClassificationConfig) -> ExportPlan:
             f"num_labels is {config.num_labels} but the checkpoint has {num_classes} labels"
         )
     plan.num_classes = num_classes
-    plan.resolved["function_to_apply"] = config.function_to_apply or function_for(
+    function = config.function_to_apply or function_for(
         plan.metadata.get("problem_type"), num_classes
     )
+    plan.resolved["function_to_apply"] = function
+    # Reduced precision is gated on the scores clients get, not on the logits.
+    plan.gate_rows = lambda logits, *inputs: apply_function(logits, function)
     return plan
 
 

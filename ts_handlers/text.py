@@ -456,7 +456,52 @@ def text_export_plan(
         plan.exported = exported
         plan.reference = one_text_at_a_time(exported)
         plan.fixed_shape_reference = one_at_a_time(exported)
+    elif config.calibration_file:
+        texts = read_calibration_texts(Path(config.calibration_file))
+        if config.do_lower_case:
+            texts = [text.lower() for text in texts]
+        plan.calibration_inputs = calibration_batches(
+            tokenizer, texts, config.max_length, config.inference_batch_size
+        )
+        plan.calibration_source = f"{len(texts)} texts of {config.calibration_file}"
     return plan
+
+
+def read_calibration_texts(path: Path) -> list[str]:
+    """One text per line; blank lines and lines starting with "# " are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise ConfigError(f"calibration_file {str(path)!r} cannot be read: {error}") from None
+    texts = [line for line in lines if line.strip() and not line.startswith("# ")]
+    if len(texts) < 3:
+        raise ConfigError(
+            f"calibration_file {str(path)!r} holds {len(texts)} texts; the accuracy gates need "
+            "real inputs, one per line (a few hundred, as varied as the traffic)"
+        )
+    return texts
+
+
+def calibration_batches(
+    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Texts as the handler batches them: sorted by length, padded per group."""
+    encoded = sorted(
+        (tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts),
+        key=len,
+    )
+    pad_id = tokenizer.pad_token_id or 0
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        group = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, ids in enumerate(group):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        batches.append((input_ids, attention_mask))
+    return batches
 
 
 def one_text_at_a_time(model: Any) -> Any:

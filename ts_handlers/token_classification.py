@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 
 from ts_handlers.base import Decoded, entry_point
@@ -107,7 +108,7 @@ class TokenClassificationHandler(TextHandler):
         )
         ignore = self.config.ignore_labels
         return [
-            {key: float(value) if key == "score" else value for key, value in entity.items()}
+            {key: np.float32(value) if key == "score" else value for key, value in entity.items()}
             for entity in found
             if entity.get("entity", entity.get("entity_group")) not in ignore
         ]
@@ -130,7 +131,15 @@ def prepare_export(config: TokenClassificationConfig) -> ExportPlan:
     model = LogitsOnly(model.eval()).eval()
     plan = text_export_plan(config, model, tokenizer, tokenizer_files(folder), metadata)
     plan.num_classes = len(labels)
+    plan.gate_rows = token_scores
     return plan
+
+
+def token_scores(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The label scores of every real token, (tokens, labels): what the gates compare."""
+    return torch.softmax(logits[attention_mask.bool()], dim=-1)
 
 
 handle = entry_point(TokenClassificationHandler)

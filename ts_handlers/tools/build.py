@@ -30,10 +30,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from ts_handlers import precision
 from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
 from ts_handlers.export import ExportError, ExportPlan, format_for, verify
 from ts_handlers.labels import LABELS_FILE, read_labels
@@ -47,7 +48,7 @@ REPORT_FILE = "export_report.json"
 ENTRY_MODULE = "ts_handlers_entry"
 # Keys naming files or folders; a relative one is read from the config folder, wherever the
 # build runs from.
-PATH_KEYS = ("model_name", "serialized_file", "model_file")
+PATH_KEYS = ("model_name", "serialized_file", "model_file", "calibration_file")
 
 
 def build_archive(
@@ -119,29 +120,65 @@ def resolve_paths(config: HandlerConfig, config_dir: Path) -> HandlerConfig:
 
 def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path, dict[str, Any]]:
     export_format = format_for(config.save_mode, freeze=config.freeze)
+    reduced = precision.is_reduced(config)
+    precision_report: dict[str, Any] = {}
     if plan.exported is not None:
+        if reduced:
+            raise ConfigError(
+                f"{precision.precision_name(config)} converts the eager model, and a TorchScript "
+                "serialized_file has none: convert before scripting, or give model_file + "
+                "model_class + a state_dict"
+            )
         # The user's own graph: nothing to export, and no eager model to compare it with.
         exported, against = plan.exported, "itself, one input at a time (no eager model)"
         reference = plan.reference
     elif plan.model is not None:
-        exported = export_format.export(plan.model, plan.example_inputs, config.export_method)
+        model = plan.model
+        if reduced:
+            model, precision_report = precision.reduce_precision(config, plan)
+        exported = export_format.export(model, plan.example_inputs, config.export_method)
         against, reference = "eager", plan.reference or plan.model
     else:
         raise ExportError(f"save_mode {config.save_mode!r} needs an eager model to export")
     assert reference is not None
-    report = verify(reference, exported, plan.verify_inputs, config.verify_atol, against)
+    judge = criterion = None
+    if reduced:
+        gate = precision.gate_for(config, plan.output_kind)
+        criterion = f"{precision.precision_name(config)} accuracy gate against float32"
+        judge = precision.shape_judge(plan, gate)
+        against = f"float32 {against}"
+        calibration = precision.calibration_figures(reference, exported, plan)
+        failures = gate.failures(calibration)
+        precision_report.update(gate=asdict(gate), calibration=calibration)
+        print(precision.summary(config, precision_report, failures))
+        if failures:
+            raise ExportError(
+                f"the {precision.precision_name(config)} export fails its accuracy gate on "
+                f"{plan.calibration_source}: {'; '.join(failures)}"
+            )
+    report = verify(
+        reference, exported, plan.verify_inputs, config.verify_atol, against, judge, criterion
+    )
     print(report.summary())
     verification: dict[str, Any] = {
         "eager_reference": plan.exported is None,
         "dynamic_shapes": report.to_dict(),
     }
+    if precision_report:
+        verification["precision"] = precision_report
     if not report.passed:
         if not plan.fixed_shape_inputs:
             raise ExportError(f"exported model differs from {against}:\n{report.summary()}")
         print("the export does not hold at every shape; checking fixed-shape (padded) inputs")
         fixed_reference = plan.fixed_shape_reference or reference
         fixed = verify(
-            fixed_reference, exported, plan.fixed_shape_inputs, config.verify_atol, against
+            fixed_reference,
+            exported,
+            plan.fixed_shape_inputs,
+            config.verify_atol,
+            against,
+            judge,
+            criterion,
         )
         print(fixed.summary())
         verification["fixed_shape"] = fixed.to_dict()
