@@ -70,6 +70,7 @@ def build_archive(
         return None
 
     started = time.perf_counter()
+    print(f"[{name}] loading the model ({task.mode})", flush=True)
     plan = task.prepare_export(export_config)
     # Refused before anything is exported or written: a wrong labels file fails every request.
     read_labels(config_dir / LABELS_FILE, plan.num_classes)
@@ -80,6 +81,7 @@ def build_archive(
         report: dict[str, Any] = {"name": name, "mode": task.mode, "save_mode": config.save_mode}
         serialized = None
         if config.save_mode != "pretrained":
+            print(f"[{name}] exporting ({config.save_mode}) and verifying", flush=True)
             serialized, verification = _export(export_config, plan, files)
             report["verification"] = verification
         resolved = {**config.to_dict(), **plan.resolved}
@@ -90,6 +92,7 @@ def build_archive(
             if source.is_file():
                 shutil.copy2(source, files / source.name)
         extra_dirs = [source for source in plan.extra_files if source.is_dir()]
+        print(f"[{name}] packaging", flush=True)
         handler = task.entry_point
         if self_contained:
             handler = _embed_package(files, task.entry_point)

@@ -1,0 +1,555 @@
+"""``ts-handlers``: build, serve, query and scaffold archives from one command.
+
+    ts-handlers init path/to/checkpoint --name reviews      # -> archiver_configs/reviews/
+    ts-handlers build archiver_configs/reviews              # -> model_store/reviews.mar
+    ts-handlers serve reviews.mar                           # until Ctrl-C
+    ts-handlers predict reviews --text "a thin plot, carried by its cast"
+    ts-handlers predict mnist --file digit.png --url http://127.0.0.1:8080 --key key_file.json
+
+``build`` runs ``ts_handlers.tools.build``; ``serve`` and ``predict`` start a
+``LocalTorchServe`` with its safe defaults (loopback only, token authorization on, model API
+off); ``init`` writes the config folder the build reads, for a model folder or file as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError
+
+DEFAULT_MODEL_STORE = Path("model_store")
+DEFAULT_CONFIGS_ROOT = Path("archiver_configs")
+# The text models' own longest input is often far past what a served request should carry;
+# BERT-family position tables stop at 512 anyway.
+MAX_TEXT_LENGTH = 512
+EMBEDDING_NUMBERS_SHOWN = 6
+ARCHIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MODEL_CONFIG_TEXT = """\
+# TorchServe worker and batching settings. Requests arriving within maxBatchDelay ms of each
+# other reach the handler as one batch.
+minWorkers: 1
+maxWorkers: 1
+batchSize: 8
+maxBatchDelay: 20
+# Seconds one batch may take before TorchServe restarts the worker.
+responseTimeout: 60
+"""
+# Hugging Face architecture suffix -> the task that serves it.
+ARCHITECTURE_TASKS = {
+    "ForSequenceClassification": "sequence_classification",
+    "ForTokenClassification": "token_classification",
+}
+# Per-channel statistics written for an image model when none are given: MNIST's for one
+# channel, ImageNet's for three; the user's training statistics belong here if they differ.
+DEFAULT_MEAN_STD = {
+    "L": ([0.1307], [0.3081]),
+    "RGB": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+
+
+class CommandError(Exception):
+    """A mistake the user can fix; printed without a traceback, exit status 1."""
+
+
+# ---- build -----------------------------------------------------------------------------------
+
+
+def run_build(build_args: Sequence[str]) -> int:
+    """``python -m ts_handlers.tools.build`` itself: the same options, stages and exit codes."""
+    from ts_handlers.tools import build
+
+    return build.main(list(build_args))
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+
+def resolve_archives(archives: Sequence[str], model_store: Path | None) -> tuple[Path, list[str]]:
+    """(model store, archive file names in it) for archive names or paths.
+
+    TorchServe loads archives from one store only (``allowed_urls`` admits nothing else), so a
+    path names its own store when ``--model-store`` is not given, and must lie in it when it is.
+    """
+    given_store = model_store
+    names: list[str] = []
+    for archive in archives:
+        path = Path(archive)
+        is_path = path.suffix == ".mar" and (path.is_file() or len(path.parts) > 1)
+        if is_path:
+            store = path.resolve().parent
+            if model_store is None:
+                model_store = store
+            elif store != model_store.resolve():
+                where = "--model-store" if given_store is not None else "the first archive's"
+                raise CommandError(
+                    f"{archive} is not in {model_store} ({where} folder); TorchServe serves "
+                    "archives from one model store: move it there or pass --model-store"
+                )
+            names.append(path.name)
+        else:
+            names.append(archive if archive.endswith(".mar") else f"{archive}.mar")
+    store = (model_store or DEFAULT_MODEL_STORE).resolve()
+    if not store.is_dir():
+        raise CommandError(f"model store {store} does not exist")
+    for name in names:
+        if not (store / name).is_file():
+            found = ", ".join(sorted(p.name for p in store.glob("*.mar"))) or "none"
+            raise CommandError(f"{name} is not in {store} (archives there: {found})")
+    return store, names
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt, so the server is stopped either way.
+
+    SIGINT is set too because a shell starts background commands with it ignored, and Python
+    then never turns it into KeyboardInterrupt: ``kill -INT`` would do nothing.
+    """
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ts_handlers.tools.server import KEY_FILE, LocalTorchServe, TorchServeStartError
+
+    store, names = resolve_archives(args.archives, args.model_store)
+    _stop_on_signals()
+    server = LocalTorchServe(store, names, enable_model_api=args.enable_model_api)
+    print(
+        f"starting TorchServe on {', '.join(names) or 'no archives'} from {store} ...", flush=True
+    )
+    try:
+        try:
+            server.start()
+        except TorchServeStartError as error:
+            print(error, file=sys.stderr)
+            return 1
+        assert server.workdir is not None
+        key_file = server.workdir / KEY_FILE
+        print(f"inference:  {server.inference_url}")
+        print(f"management: {server.management_url}")
+        print(f"metrics:    {server.metrics_url}")
+        print(f"key file:   {key_file}")
+        for name in names:
+            print(f"model:      {server.inference_url}/predictions/{Path(name).stem}")
+        first = Path(names[0]).stem if names else "<model>"
+        print(
+            f"try: ts-handlers predict {first} --text ... --url {server.inference_url} "
+            f"--key {key_file}"
+        )
+        print("serving; Ctrl-C stops the server", flush=True)
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        print("TorchServe exited on its own", file=sys.stderr)
+        print(server.log_tail(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping TorchServe ...", flush=True)
+        return 0
+    finally:
+        # A second Ctrl-C must not cut the stop short and leave TorchServe running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        server.stop()
+        print("stopped", flush=True)
+
+
+# ---- predict ---------------------------------------------------------------------------------
+
+
+def request_body(texts: Sequence[str] | None, file: Path | None) -> tuple[Any, str | None]:
+    """(body, content type) for the inference API; ``None`` lets the client choose it."""
+    if texts:
+        return {"inputs": texts[0] if len(texts) == 1 else list(texts)}, "application/json"
+    assert file is not None
+    if not file.is_file():
+        raise CommandError(f"{file} is not a file")
+    if file.suffix.lower() == ".txt":
+        return {"inputs": file.read_text(encoding="utf-8").strip()}, "application/json"
+    if file.suffix.lower() == ".json":
+        return file.read_bytes(), "application/json"
+    content_type, _ = mimetypes.guess_type(file.name)
+    return file.read_bytes(), content_type or "application/octet-stream"
+
+
+def read_inference_key(key: str) -> str:
+    """The key itself, or the inference key from a ``key_file.json`` path."""
+    path = Path(key)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["inference"]["key"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CommandError(f"{key} is not a TorchServe key file: {error}") from None
+    return key
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ts_handlers.tools.client import TorchServeClient, TorchServeError
+
+    body, content_type = request_body(args.text, args.file)
+    inputs = args.text
+    if args.url:
+        name = Path(args.archive).stem if args.archive.endswith(".mar") else args.archive
+        with TorchServeClient(
+            args.url, inference_key=read_inference_key(args.key), timeout=args.timeout
+        ) as client:
+            return _predict_and_print(client, name, body, content_type, inputs, TorchServeError)
+
+    from ts_handlers.tools.server import LocalTorchServe, TorchServeStartError
+
+    store, (archive,) = resolve_archives([args.archive], args.model_store)
+    print(f"starting TorchServe on {archive} ...", file=sys.stderr, flush=True)
+    _stop_on_signals()
+    try:
+        with (
+            LocalTorchServe(store, [archive]) as server,
+            server.client(timeout=args.timeout) as client,
+        ):
+            return _predict_and_print(
+                client, Path(archive).stem, body, content_type, inputs, TorchServeError
+            )
+    except TorchServeStartError as error:
+        print(error, file=sys.stderr)
+        return 1
+
+
+def _predict_and_print(
+    client: Any,
+    name: str,
+    body: Any,
+    content_type: str | None,
+    inputs: Sequence[str] | None,
+    error_type: type[Exception],
+) -> int:
+    try:
+        answer = client.predict(name, body, content_type=content_type)
+    except error_type as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(format_answer(answer, inputs), flush=True)
+    return 0
+
+
+def format_answer(answer: Any, inputs: Sequence[str] | None = None) -> str:
+    """A handler's JSON as a person reads it: labels, embeddings or entities as rows.
+
+    A request of several texts gets one answer per text, each under its text; anything this
+    does not recognise is printed as indented JSON.
+    """
+    if isinstance(answer, bytes):
+        return answer.decode("utf-8", errors="replace")
+    one_answer_per_text = (
+        inputs
+        and len(inputs) > 1
+        and isinstance(answer, list)
+        and len(answer) == len(inputs)
+        and all(isinstance(row, list) for row in answer)
+    )
+    if one_answer_per_text and not _is_embeddings(answer):
+        return "\n".join(
+            f"{text}\n{_indent(format_answer(row))}"
+            for text, row in zip(inputs, answer, strict=True)
+        )
+    if _is_embeddings(answer):
+        return _format_embeddings(answer, inputs)
+    if isinstance(answer, list) and all(isinstance(item, dict) for item in answer):
+        if not answer:
+            return "(nothing found)"
+        if all("label" in item and "score" in item for item in answer):
+            return _format_labels(answer)
+        if all("entity_group" in item or "entity" in item for item in answer):
+            return _format_entities(answer)
+    return json.dumps(answer, indent=2, ensure_ascii=False)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_embeddings(answer: Any) -> bool:
+    return (
+        isinstance(answer, list)
+        and bool(answer)
+        and all(isinstance(row, list) and row and all(map(_is_number, row)) for row in answer)
+    )
+
+
+def _format_labels(answer: list[dict[str, Any]]) -> str:
+    width = max(len(str(item["label"])) for item in answer)
+    return "\n".join(f"{str(item['label']):<{width}}  {item['score']:.4f}" for item in answer)
+
+
+def _format_entities(answer: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            str(item.get("entity_group", item.get("entity"))),
+            f"{item.get('score', float('nan')):.4f}",
+            f"{item.get('start', '')}-{item.get('end', '')}",
+            repr(item.get("word", "")),
+        )
+        for item in answer
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join(
+        f"{label:<{widths[0]}}  {score:>{widths[1]}}  {span:>{widths[2]}}  {word}"
+        for label, score, span, word in rows
+    )
+
+
+def _format_embeddings(answer: list[list[float]], inputs: Sequence[str] | None) -> str:
+    lines = []
+    labels = list(inputs) if inputs and len(inputs) == len(answer) else [""] * len(answer)
+    for label, vector in zip(labels, answer, strict=True):
+        numbers = ", ".join(f"{value:+.4f}" for value in vector[:EMBEDDING_NUMBERS_SHOWN])
+        more = ", ..." if len(vector) > EMBEDDING_NUMBERS_SHOWN else ""
+        lines.append(f"dim {len(vector)}  [{numbers}{more}]" + (f"  {label}" if label else ""))
+    return "\n".join(lines)
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
+# ---- init ------------------------------------------------------------------------------------
+
+
+def setup_for_model(
+    model_path: Path,
+    config_dir: Path,
+    *,
+    image_size: Sequence[int] = (28, 28),
+    color_mode: str = "L",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """(setup_config.json, index_to_name.json or None) for a model folder or TorchScript file.
+
+    Paths are written relative to ``config_dir``: the build reads them from there.
+    """
+    relative = os.path.relpath(model_path.resolve(), config_dir.resolve())
+    if model_path.is_file():
+        if model_path.suffix not in (".pt", ".pth", ".ts", ".torchscript"):
+            raise CommandError(
+                f"{model_path} is a file but not a TorchScript .pt; init takes a "
+                "sentence-transformers folder, a Hugging Face classifier folder or a .pt file"
+            )
+        default_mean, default_std = DEFAULT_MEAN_STD[color_mode]
+        return {
+            "mode": "image_classification",
+            "serialized_file": relative,
+            "color_mode": color_mode,
+            "image_size": list(image_size),
+            "mean": list(mean or default_mean),
+            "std": list(std or default_std),
+        }, None
+    if not model_path.is_dir():
+        raise CommandError(f"{model_path} does not exist")
+    if (model_path / "modules.json").is_file():
+        from ts_handlers.sentence_embedding import read_sentence_transformer
+
+        folder = read_sentence_transformer(model_path)
+        return {
+            "mode": "sentence_embedding",
+            "model_name": relative,
+            "pooling_mode": folder.pooling_mode,
+            "max_length": folder.max_length,
+        }, None
+    hf_config = _read_json(model_path / "config.json")
+    if hf_config is None:
+        raise CommandError(
+            f"{model_path} has neither modules.json (sentence-transformers) nor config.json "
+            "(Hugging Face); init takes one of those folders or a TorchScript .pt file"
+        )
+    architectures = hf_config.get("architectures") or []
+    mode = next(
+        (
+            task
+            for architecture in architectures
+            for suffix, task in ARCHITECTURE_TASKS.items()
+            if str(architecture).endswith(suffix)
+        ),
+        None,
+    )
+    if mode is None:
+        raise CommandError(
+            f"{model_path}/config.json names architectures {architectures}; init knows "
+            f"*{', *'.join(ARCHITECTURE_TASKS)} and sentence-transformers folders"
+        )
+    setup = {"mode": mode, "model_name": relative, "max_length": _text_max_length(model_path)}
+    id2label = hf_config.get("id2label")
+    labels = None
+    if isinstance(id2label, dict) and id2label:
+        labels = {str(index): str(label) for index, label in sorted(id2label.items(), key=_index)}
+    return setup, labels
+
+
+def _index(item: tuple[Any, Any]) -> int:
+    return int(item[0])
+
+
+def _text_max_length(folder: Path) -> int:
+    """The tokenizer's model_max_length, capped at the position table and MAX_TEXT_LENGTH."""
+    limits = [MAX_TEXT_LENGTH]
+    tokenizer_config = _read_json(folder / "tokenizer_config.json") or {}
+    model_config = _read_json(folder / "config.json") or {}
+    # Tokenizers without a limit store a huge number (1e30); the cap takes care of it.
+    for value in (
+        tokenizer_config.get("model_max_length"),
+        model_config.get("max_position_embeddings"),
+    ):
+        if _is_number(value) and value >= 2:
+            limits.append(int(value))
+    return min(limits)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from ts_handlers.labels import LABELS_FILE
+    from ts_handlers.tasks import load_task_config
+    from ts_handlers.tools.build import MODEL_CONFIG_FILE
+
+    model_path: Path = args.model
+    name = args.name or (model_path.stem if model_path.is_file() else model_path.resolve().name)
+    if not ARCHIVE_NAME.match(name):
+        raise CommandError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    config_dir = args.configs_root / name
+    if config_dir.exists() and not args.force:
+        raise CommandError(f"{config_dir} exists; pass --force to replace it")
+    setup, labels = setup_for_model(
+        model_path,
+        config_dir,
+        image_size=args.image_size,
+        color_mode=args.color_mode,
+        mean=args.mean,
+        std=args.std,
+    )
+    if config_dir.exists():
+        shutil.rmtree(config_dir)
+    config_dir.mkdir(parents=True)
+    try:
+        (config_dir / SETUP_CONFIG_FILE).write_text(json.dumps(setup, indent=2) + "\n")
+        (config_dir / MODEL_CONFIG_FILE).write_text(MODEL_CONFIG_TEXT)
+        if labels:
+            (config_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
+        task, _ = load_task_config(config_dir / SETUP_CONFIG_FILE)
+    except ConfigError:
+        shutil.rmtree(config_dir)  # a half-written folder would be built by --all
+        raise
+    written = ", ".join(sorted(path.name for path in config_dir.iterdir()))
+    print(f"wrote {config_dir}/ ({written}) for task {task.mode}")
+    print(f"next: ts-handlers build {config_dir}")
+    return 0
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ts-handlers",
+        description="Build, serve and query TorchServe archives of ts_handlers models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # The build's own parser reads the rest (`ts-handlers build --help` shows its options).
+    build = commands.add_parser(
+        "build", help="export, verify and archive config folders", add_help=False
+    )
+    build.add_argument("build_args", nargs=argparse.REMAINDER)
+    build.set_defaults(run=lambda args: run_build(args.build_args))
+
+    serve = commands.add_parser("serve", help="run TorchServe on archives until Ctrl-C")
+    serve.add_argument("archives", nargs="*", help="names in the model store, or .mar paths")
+    serve.add_argument(
+        "--model-store", type=Path, help="default: the archives' folder, else model_store"
+    )
+    serve.add_argument(
+        "--enable-model-api",
+        action="store_true",
+        help="allow register/unregister at run time (archives in the model store only)",
+    )
+    serve.set_defaults(run=run_serve)
+
+    predict = commands.add_parser("predict", help="send one request and print the answer")
+    predict.add_argument(
+        "archive", help="a .mar path, a name in the model store, or (--url) a model"
+    )
+    body = predict.add_mutually_exclusive_group(required=True)
+    body.add_argument("--text", nargs="+", help="one or more texts, sent as {'inputs': ...}")
+    body.add_argument("--file", type=Path, help="an image, or a .txt / .json body")
+    predict.add_argument("--url", help="a running server's inference URL (needs --key)")
+    predict.add_argument("--key", help="its inference key, or its key_file.json")
+    predict.add_argument(
+        "--model-store", type=Path, help="default: the archive's folder, else model_store"
+    )
+    predict.add_argument("--timeout", type=float, default=120.0, help="seconds for the answer")
+    predict.set_defaults(run=run_predict)
+
+    init = commands.add_parser("init", help="write archiver_configs/<name>/ for a model")
+    init.add_argument(
+        "model",
+        type=Path,
+        help="a sentence-transformers folder, a Hugging Face classifier folder, a TorchScript .pt",
+    )
+    init.add_argument("--name", help="config folder and archive name (default: the model's)")
+    init.add_argument("--configs-root", type=Path, default=DEFAULT_CONFIGS_ROOT)
+    init.add_argument("--force", action="store_true", help="replace an existing config folder")
+    init.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=[28, 28],
+        metavar=("H", "W"),
+        help=".pt image models: input height and width",
+    )
+    init.add_argument("--color-mode", choices=("L", "RGB"), default="L", help=".pt image models")
+    init.add_argument("--mean", type=float, nargs="+", help=".pt image models: per channel")
+    init.add_argument("--std", type=float, nargs="+", help=".pt image models: per channel")
+    init.set_defaults(run=run_init)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build"]:
+        # Straight to the build's parser: argparse's REMAINDER would refuse a leading option
+        # (`ts-handlers build --all`).
+        return run_build(argv[1:])
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and bool(args.url) != bool(args.key):
+        parser.error("predict: --url and --key go together (a running server wants its key)")
+    if args.command == "init" and min(args.image_size) < 1:
+        parser.error("init: --image-size needs two positive numbers")
+    try:
+        return args.run(args)
+    except (CommandError, ConfigError) as error:
+        print(f"ts-handlers {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # any server was stopped on the way out
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
