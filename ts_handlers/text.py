@@ -322,15 +322,9 @@ class TextHandler(TaskHandler[Any]):
         return outputs
 
     def collate(self, items: Sequence[Tokenized]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(len(item.input_ids) for item in items)
-        width = self.config.max_length if self.config.pad_to_max_length else longest
-        pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
-            attention_mask[row, : len(item.input_ids)] = 1
-        return input_ids, attention_mask
+        width = self.config.max_length if self.config.pad_to_max_length else None
+        token_ids = [item.input_ids for item in items]
+        return padded(token_ids, self.tokenizer.pad_token_id or 0, width)
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
@@ -491,17 +485,23 @@ def calibration_batches(
         key=len,
     )
     pad_id = tokenizer.pad_token_id or 0
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        group = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in group)
-        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, ids in enumerate(group):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        batches.append((input_ids, attention_mask))
-    return batches
+    return [
+        padded(encoded[start : start + batch_size], pad_id)
+        for start in range(0, len(encoded), batch_size)
+    ]
+
+
+def padded(
+    token_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), right-padded to ``width`` (default: the longest row)."""
+    width = width or max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
 
 
 def one_text_at_a_time(model: Any) -> Any:
