@@ -5,6 +5,9 @@ SETUP_STAMP := $(VENV)/.ts-handlers-setup
 
 .PHONY: setup archives demo test unit integration bench bench-peers lint clean
 
+# AOTInductor's compiled kernels and headers, reused by later builds and tests.
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
+
 setup: $(SETUP_STAMP)
 
 $(SETUP_STAMP): setup.cfg pyproject.toml constraints.txt scripts/setup.sh

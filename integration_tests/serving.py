@@ -22,6 +22,10 @@ ARCHIVES = [
     "ner.mar",
     "minilm_bf16.mar",
     "minilm_int8.mar",
+    "mnist_aoti.mar",
+    "sentiment_aoti.mar",
+    "minilm_aoti.mar",
+    "ner_aoti.mar",
 ]
 DIGITS_HELDOUT = ROOT / "build/checkpoints/digits/heldout.npz"
 

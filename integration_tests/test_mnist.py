@@ -1,4 +1,4 @@
-"""mnist.mar on real TorchServe: held-out accuracy, request forms, batching, and bad input."""
+"""mnist.mar and mnist_aoti.mar on real TorchServe: held-out accuracy, request forms, batching, and bad input."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ from serving import png_bytes
 MIN_ACCURACY = 0.95
 
 
+# The same digits model exported two ways: TorchScript and torch.export + AOTInductor.
+@pytest.fixture(scope="module", params=["mnist", "mnist_aoti"])
+def model_name(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def predict_url(torchserve) -> str:
-    return f"{torchserve.inference_url}/predictions/mnist"
+def predict_url(torchserve, model_name) -> str:
+    return f"{torchserve.inference_url}/predictions/{model_name}"
 
 
 def post_all(inference, url, payloads, workers=8):
@@ -68,8 +74,10 @@ def test_larger_colour_photos_are_resized(inference, predict_url, heldout_digits
     assert accuracy(post_all(inference, predict_url, payloads), labels[:60]) >= 0.9
 
 
-def test_concurrent_requests_are_batched(torchserve, inference, predict_url, heldout_digits):
-    described = torchserve.client().describe("mnist")
+def test_concurrent_requests_are_batched(
+    torchserve, inference, model_name, predict_url, heldout_digits
+):
+    described = torchserve.client().describe(model_name)
     assert described["batchSize"] > 1
     payloads = [png_bytes(image) for image in heldout_digits[0][:32]]
     responses = post_all(inference, predict_url, payloads, workers=16)
@@ -96,7 +104,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_4xx_and_the_worker_keeps_serving(
-    torchserve, inference, predict_url, heldout_digits, case
+    torchserve, inference, model_name, predict_url, heldout_digits, case
 ):
     body, headers, status = BAD_INPUTS[case]
     good = png_bytes(heldout_digits[0][0])
@@ -104,7 +112,7 @@ def test_bad_input_gets_4xx_and_the_worker_keeps_serving(
         body = good[: len(good) // 2]
     elif body == "huge":
         body = huge_png()
-    pid_before = torchserve.client().describe("mnist")["workers"][0]["pid"]
+    pid_before = torchserve.client().describe(model_name)["workers"][0]["pid"]
     response = inference.post(predict_url, data=body, headers=headers, timeout=60)
     assert response.status_code == status, response.text
     error = response.json()
@@ -112,7 +120,7 @@ def test_bad_input_gets_4xx_and_the_worker_keeps_serving(
     follow_up = inference.post(predict_url, data=good, timeout=60)
     assert follow_up.status_code == 200
     assert follow_up.json()[0]["label"] == str(heldout_digits[1][0])
-    assert torchserve.client().describe("mnist")["workers"][0]["pid"] == pid_before
+    assert torchserve.client().describe(model_name)["workers"][0]["pid"] == pid_before
 
 
 def test_bad_requests_in_a_batch_do_not_fail_their_neighbours(

@@ -1,4 +1,4 @@
-"""ner.mar on real TorchServe, against transformers.pipeline("token-classification").
+"""ner.mar and ner_aoti.mar on real TorchServe, against transformers.pipeline("token-classification").
 
 The oracle is the pipeline on the checkpoint the archive was built from
 (``build/checkpoints/ner``, ``scripts/train_ner.py``), with the archive's truncation
@@ -69,11 +69,12 @@ def oracle(texts: list[str]) -> dict[str, list[list[dict[str, Any]]]]:
     }
 
 
-@pytest.fixture(scope="module")
-def served(torchserve, inference, texts: list[str]) -> dict[str, list[Any]]:
+# The same NER model exported two ways: TorchScript and torch.export + AOTInductor.
+@pytest.fixture(scope="module", params=["ner", "ner_aoti"])
+def served(request, torchserve, inference, texts: list[str]) -> dict[str, list[Any]]:
     """Every text as its own text/plain request, both strategies, all in flight together."""
-    require(ROOT / "model_store/ner.mar")
-    target = f"{torchserve.inference_url}/predictions/ner"
+    require(ROOT / f"model_store/{request.param}.mar")
+    target = f"{torchserve.inference_url}/predictions/{request.param}"
     jobs = [
         {"Content-Type": "text/plain; charset=utf-8", "X-Aggregation-Strategy": strategy}
         for strategy in STRATEGIES

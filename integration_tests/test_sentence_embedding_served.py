@@ -1,4 +1,4 @@
-"""minilm.mar on real TorchServe: parity with sentence-transformers, batching, and refusals.
+"""minilm.mar and minilm_aoti.mar on real TorchServe: parity with sentence-transformers, batching, and refusals.
 
 The reference is the same folder the archive was exported from, loaded by sentence-transformers
 in this process. ``encode(normalize_embeddings=False)`` on that folder still runs its Normalize
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from serving import MODEL_STORE, ROOT, require
 
-MODEL = "minilm"
 CHECKPOINT = ROOT / "build/checkpoints/minilm"
 MIN_COSINE = 0.9999
 MAX_LENGTH = 256  # archiver_configs/minilm/setup_config.json
@@ -55,10 +54,16 @@ def make_sentences(count: int = 120, seed: int = 7) -> list[str]:
 SENTENCES = make_sentences()
 
 
+# The same MiniLM exported two ways: TorchScript and torch.export + AOTInductor.
+@pytest.fixture(scope="module", params=["minilm", "minilm_aoti"])
+def model(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def url(torchserve) -> str:
-    require(MODEL_STORE / f"{MODEL}.mar")
-    return f"{torchserve.inference_url}/predictions/{MODEL}"
+def url(torchserve, model) -> str:
+    require(MODEL_STORE / f"{model}.mar")
+    return f"{torchserve.inference_url}/predictions/{model}"
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +140,8 @@ def test_one_request_with_many_sentences(inference, url, references):
     assert cosines(served, references[True]).min() >= MIN_COSINE  # default: the model normalises
 
 
-def test_many_concurrent_single_sentence_requests(torchserve, inference, url, references):
-    described = torchserve.client().describe(MODEL)
+def test_many_concurrent_single_sentence_requests(torchserve, inference, model, url, references):
+    described = torchserve.client().describe(model)
     assert described["batchSize"] >= 8
     indices = list(range(0, len(SENTENCES), 2))[:48]
     responses = post_all(inference, url, [{"inputs": SENTENCES[i]} for i in indices], workers=16)
@@ -161,9 +166,9 @@ def test_plain_text_and_single_string_answer_one_vector(inference, url, referenc
         assert cosines(np.array(body), references[True][5:6])[0] >= MIN_COSINE
 
 
-def test_over_long_input_without_truncation_is_413(torchserve, inference, url):
+def test_over_long_input_without_truncation_is_413(torchserve, inference, model, url):
     long_text = max(SENTENCES, key=len)
-    pid = torchserve.client().describe(MODEL)["workers"][0]["pid"]
+    pid = torchserve.client().describe(model)["workers"][0]["pid"]
     response = inference.post(
         url, json={"inputs": ["short one", long_text], "truncate": False}, timeout=60
     )
@@ -173,7 +178,7 @@ def test_over_long_input_without_truncation_is_413(torchserve, inference, url):
     assert "inputs[1]" in error["message"] and f"at most {MAX_LENGTH}" in error["message"]
     truncated = inference.post(url, json={"inputs": long_text, "truncate": True}, timeout=60)
     assert truncated.status_code == 200
-    assert torchserve.client().describe(MODEL)["workers"][0]["pid"] == pid
+    assert torchserve.client().describe(model)["workers"][0]["pid"] == pid
 
 
 @pytest.mark.parametrize(

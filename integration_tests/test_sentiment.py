@@ -1,4 +1,4 @@
-"""sentiment.mar and sentiment_eager.mar on real TorchServe, against transformers.pipeline.
+"""sentiment.mar, sentiment_eager.mar and sentiment_aoti.mar on real TorchServe, against transformers.pipeline.
 
 The oracle is ``transformers.pipeline("text-classification", top_k=None)`` on the checkpoint
 both archives were built from, run one text at a time with the archive's own truncation
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from serving import ROOT, require
 
-MODELS = ("sentiment", "sentiment_eager")
+MODELS = ("sentiment", "sentiment_eager", "sentiment_aoti")
 CHECKPOINT = ROOT / "build/checkpoints/sentiment"
 TOLERANCE = 1e-4
 MIN_ACCURACY = 0.85

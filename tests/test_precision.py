@@ -84,7 +84,12 @@ def calibration_file(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("setup", "kind"),
-    [({"dtype": "bfloat16"}, "dtype"), ({"quantization": "dynamic_int8"}, "dynamic_int8")],
+    [
+        ({"dtype": "bfloat16"}, "dtype"),
+        ({"quantization": "dynamic_int8"}, "dynamic_int8"),
+        # The same gates hold for the AOTInductor format; torch._int_mm compiles into it too.
+        ({"quantization": "dynamic_int8", "save_mode": "aot_inductor"}, "dynamic_int8"),
+    ],
 )
 def test_reduced_archive_records_its_figures_and_serves_float32(
     tiny_text_checkpoint: Path,

@@ -84,10 +84,13 @@ class HandlerConfig(BaseModel):
     mode: str
     # Where the export step finds the eager checkpoint (a folder, or a tokenizer folder).
     model_name: str = ""
-    # "torchscript" serves an exported graph; "pretrained" serves the eager checkpoint.
-    save_mode: Literal["torchscript", "pretrained"] = "torchscript"
+    # "torchscript" serves a TorchScript graph (model.pt); "aot_inductor" a torch.export graph
+    # compiled by AOTInductor (model.pt2); "pretrained" serves the eager checkpoint.
+    save_mode: Literal["torchscript", "aot_inductor", "pretrained"] = "torchscript"
     # How the torchscript graph is produced: "trace" runs example inputs, "script" compiles Python.
+    # aot_inductor always captures with torch.export and ignores it.
     export_method: Literal["trace", "script"] = "trace"
+    # Folds the weights into the graph: torch.jit.freeze, or Inductor's freezing.
     freeze: bool = True
     # Largest difference between exported and eager outputs that verification accepts.
     verify_atol: float = 1e-4
@@ -116,7 +119,7 @@ class HandlerConfig(BaseModel):
         if (self.quantization or self.dtype != "float32") and self.save_mode == "pretrained":
             raise ValueError(
                 "dtype and quantization apply to an exported graph; save_mode 'pretrained' "
-                "serves the checkpoint as it is (use save_mode 'torchscript')"
+                "serves the checkpoint as it is (use save_mode 'torchscript' or 'aot_inductor')"
             )
         return self
 

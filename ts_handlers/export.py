@@ -1,8 +1,14 @@
 """The export step, behind one small interface.
 
 An :class:`ExportFormat` turns an eager module into a servable artifact, saves it with metadata
-and loads it back. Handlers only ever call :func:`load_artifact`, so adding a format (for
-example ``torch.export``) means adding a class here and nothing in the handlers.
+and loads it back. Handlers only ever call :func:`load_artifact`, so a format is a class here and
+nothing in the handlers. Two exist:
+
+* ``torchscript``: ``torch.jit.trace`` or ``script``, frozen, saved as ``model.pt`` (LibTorch
+  loads it too, see docs/without-python.md);
+* ``aot_inductor``: ``torch.export.export`` with dynamic batch (and sequence) dimensions,
+  compiled ahead of time by AOTInductor and packaged as ``model.pt2``. TorchServe 0.12's own
+  loader does not read that package; our handlers do.
 
 Every export is checked by :func:`verify` against the eager model on several input shapes; the
 build refuses to write an archive whose exported model disagrees.
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch.export import Dim
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,9 @@ class ExportPlan:
     calibration_inputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     # Where calibration_inputs came from, for the report.
     calibration_source: str = ""
+    # For torch.export: the dimensions of each example input that vary at serving time. None:
+    # dimension 0 of every input is the batch. Text tasks add the sequence dimension.
+    dynamic_shapes: list[dict[int, Dim]] | None = None
 
 
 class ExportError(RuntimeError):
@@ -80,9 +91,8 @@ class ExportFormat(ABC):
     file_name: ClassVar[str]
 
     @abstractmethod
-    def export(
-        self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], method: str
-    ) -> torch.nn.Module: ...
+    def export(self, model: torch.nn.Module, plan: ExportPlan, method: str) -> torch.nn.Module:
+        """The exported model, callable like the eager one (verification runs it)."""
 
     @abstractmethod
     def save(self, exported: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None: ...
@@ -98,9 +108,7 @@ class TorchScriptFormat(ExportFormat):
     def __init__(self, freeze: bool = True) -> None:
         self.freeze = freeze
 
-    def export(
-        self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], method: str
-    ) -> torch.nn.Module:
+    def export(self, model: torch.nn.Module, plan: ExportPlan, method: str) -> torch.nn.Module:
         if method not in ("trace", "script"):
             raise ExportError(f"unknown torchscript method {method!r}; use trace or script")
         model = model.eval()
@@ -109,7 +117,7 @@ class TorchScriptFormat(ExportFormat):
                 if method == "script":
                     exported = torch.jit.script(model)
                 else:
-                    exported = torch.jit.trace(model, example_inputs, strict=False)
+                    exported = torch.jit.trace(model, plan.example_inputs, strict=False)
             if self.freeze:
                 exported = torch.jit.freeze(exported.eval())
         except Exception as error:  # TorchScript raises many types; the user needs one message
@@ -127,7 +135,105 @@ class TorchScriptFormat(ExportFormat):
         return module.eval(), metadata
 
 
-FORMATS: dict[str, Callable[..., ExportFormat]] = {"torchscript": TorchScriptFormat}
+class AOTInductorModel(torch.nn.Module):
+    """A compiled AOTInductor package, callable like the eager model.
+
+    Holds the files AOTInductor generated so that :meth:`AOTInductorFormat.save` packages them
+    again with the metadata, without compiling twice.
+    """
+
+    def __init__(self, runner: Callable[..., Any], aoti_files: list[Any] | None = None) -> None:
+        super().__init__()
+        self.runner = runner
+        self.aoti_files = aoti_files
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.runner(*inputs)
+
+
+class AOTInductorFormat(ExportFormat):
+    """``torch.export`` + AOTInductor: one ``.pt2`` package holding a compiled shared library.
+
+    The names are upstream's: ``torch.export.export`` captures the graph with symbolic batch
+    and sequence sizes, ``torch._inductor`` compiles it for this machine's device and CPU
+    instruction set, and the PT2 archive format packages it. Our metadata goes in the package's
+    ``extra/`` folder, as ``torch.export.save`` puts a user's extra files.
+    """
+
+    name = "aot_inductor"
+    file_name = "model.pt2"
+
+    def __init__(self, freeze: bool = True) -> None:
+        # Inductor's freezing folds the weights into the graph as constants, so CPU matmuls
+        # use prepacked (oneDNN) weights: the counterpart of torch.jit.freeze.
+        self.freeze = freeze
+
+    def export(self, model: torch.nn.Module, plan: ExportPlan, method: str) -> torch.nn.Module:
+        from torch.export.pt2_archive._package import package_pt2
+
+        model = model.eval()
+        dynamic = plan.dynamic_shapes or [{0: Dim("batch", min=1)} for _ in plan.example_inputs]
+        try:
+            with torch.no_grad():
+                program = torch.export.export(
+                    model, plan.example_inputs, dynamic_shapes=tuple(dynamic), strict=False
+                )
+        except Exception as error:  # torch.export raises many types; the user needs one message
+            raise ExportError(
+                f"torch.export could not capture the model: {_first_lines(error)}\n"
+                "Data-dependent Python control flow is the usual cause; save_mode 'torchscript' "
+                "(export_method 'trace') records one path through it and may work."
+            ) from error
+        try:
+            aoti_files = torch._inductor.aot_compile(
+                program.module(),
+                plan.example_inputs,
+                options={"aot_inductor.package": True, "freezing": self.freeze},
+            )
+        except Exception as error:
+            raise ExportError(
+                f"AOTInductor could not compile the exported model: {_first_lines(error)}\n"
+                "save_mode 'torchscript' may work."
+            ) from error
+        with tempfile.TemporaryDirectory(prefix="ts-handlers-aoti-") as folder:
+            package = Path(folder) / self.file_name
+            package_pt2(package, aoti_files=aoti_files)
+            runner, _ = self.load(package, torch.device("cpu"))
+        return AOTInductorModel(runner, aoti_files)
+
+    def save(self, exported: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+        from torch.export.pt2_archive._package import package_pt2
+
+        if not isinstance(exported, AOTInductorModel) or exported.aoti_files is None:
+            raise ExportError("aot_inductor saves only a model it exported itself")
+        package_pt2(
+            path, aoti_files=exported.aoti_files, extra_files={METADATA_FILE: json.dumps(metadata)}
+        )
+
+    def load(self, path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+        from torch.export.pt2_archive._package import load_pt2
+
+        if device.type != "cpu":
+            raise ExportError(
+                f"this {self.file_name} was compiled for CPU and cannot run on {device}; build "
+                "the archive on a machine with that device"
+            )
+        contents = load_pt2(path)
+        if "model" not in contents.aoti_runners:
+            raise ExportError(f"{path.name} holds no AOTInductor model")
+        metadata = json.loads(contents.extra_files.get(METADATA_FILE) or "{}")
+        return AOTInductorModel(contents.aoti_runners["model"]).eval(), metadata
+
+
+def _first_lines(error: Exception, lines: int = 6) -> str:
+    """torch.export's errors run to pages of guards and links; the cause is on top."""
+    return "\n".join(str(error).strip().splitlines()[:lines])
+
+
+FORMATS: dict[str, Callable[..., ExportFormat]] = {
+    "torchscript": TorchScriptFormat,
+    "aot_inductor": AOTInductorFormat,
+}
 
 
 def format_for(save_mode: str, **options: Any) -> ExportFormat:

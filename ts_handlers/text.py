@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 from torch import nn
+from torch.export import Dim
 
 from ts_handlers.base import Decoded, TaskHandler
 from ts_handlers.config import (
@@ -446,6 +447,9 @@ def text_export_plan(
         extra_files=files,
         metadata={**metadata, "embedding_rows": rows} if rows else metadata,
     )
+    # torch.export: any batch size, any sequence length up to max_length, shared by both inputs.
+    batch, sequence = Dim("batch", min=1), Dim("sequence", min=1, max=config.max_length)
+    plan.dynamic_shapes = [{0: batch, 1: sequence}, {0: batch, 1: sequence}]
     if exported is not None:
         plan.exported = exported
         plan.reference = one_text_at_a_time(exported)

@@ -126,6 +126,12 @@ def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path,
     reduced = precision.is_reduced(config)
     precision_report: dict[str, Any] = {}
     if plan.exported is not None:
+        if config.save_mode != "torchscript":
+            raise ConfigError(
+                f"save_mode {config.save_mode!r} exports an eager model, and a TorchScript "
+                "serialized_file has none: use save_mode 'torchscript', or give model_file + "
+                "model_class + a state_dict"
+            )
         if reduced:
             raise ConfigError(
                 f"{precision.precision_name(config)} converts the eager model, and a TorchScript "
@@ -139,7 +145,7 @@ def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path,
         model = plan.model
         if reduced:
             model, precision_report = precision.reduce_precision(config, plan)
-        exported = export_format.export(model, plan.example_inputs, config.export_method)
+        exported = export_format.export(model, plan, config.export_method)
         against, reference = "eager", plan.reference or plan.model
     else:
         raise ExportError(f"save_mode {config.save_mode!r} needs an eager model to export")
