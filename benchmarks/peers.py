@@ -8,7 +8,8 @@ the machine, and is loaded by the same native load generator (``hey``), one sent
 request, at each concurrency, with a short (about 10 tokens) and a long (about 120 tokens)
 sentence:
 
-- ours: ``minilm.mar`` (float32), ``minilm_bf16.mar`` and ``minilm_int8.mar`` on TorchServe;
+- ours: ``minilm.mar`` (float32), ``minilm_bf16.mar`` and ``minilm_int8.mar`` on TorchServe,
+  and the same three compiled by AOTInductor (``minilm_aoti*.mar``);
 - LitServe: ``SentenceTransformer.encode`` inside, dynamic batching (16, 5 ms), float32 and
   bfloat16;
 - Infinity: its torch engine, batch 16, float32, bfloat16 and int8.
@@ -61,6 +62,10 @@ ARCHIVES = {
     "ours-fp32": ("minilm", "float32"),
     "ours-bf16": ("minilm_bf16", "bfloat16"),
     "ours-int8": ("minilm_int8", "int8"),
+    # The same model and precisions, compiled by torch.export + AOTInductor.
+    "ours-aoti-fp32": ("minilm_aoti", "float32"),
+    "ours-aoti-bf16": ("minilm_aoti_bf16", "bfloat16"),
+    "ours-aoti-int8": ("minilm_aoti_int8", "int8"),
 }
 PEERS = {
     "litserve-fp32": ("litserve", "float32"),
@@ -382,12 +387,12 @@ def table(cells: list[Cell], rows: list[dict[str, Any]]) -> str:
                 lines.append(f"{cell.system:16}{cell.requests_per_s:7.1f} sentences/s at batch 16")
     lines.append("\nratios (ours / other, same workload and concurrency)")
     lines.append(
-        f"{'system':12}{'workload':>9}{'conc':>6}{'vs encode fp32':>16}{'vs encode same':>16}"
+        f"{'system':16}{'workload':>9}{'conc':>6}{'vs encode fp32':>16}{'vs encode same':>16}"
         f"{'vs best peer':>14}"
     )
     for row in rows:
         lines.append(
-            f"{row['system']:12}{row['workload']:>9}{row['concurrency']:>6}"
+            f"{row['system']:16}{row['workload']:>9}{row['concurrency']:>6}"
             f"{_show(row['vs_encode_fp32']):>16}{_show(row['vs_encode_same_precision']):>16}"
             f"{_show(row['vs_best_peer_same_precision']):>14}"
         )

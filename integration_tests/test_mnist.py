@@ -1,4 +1,5 @@
-"""mnist.mar and mnist_aoti.mar on real TorchServe: held-out accuracy, request forms, batching, and bad input."""
+"""mnist.mar and mnist_aoti.mar on real TorchServe: held-out accuracy, request forms, batching,
+and bad input."""
 
 from __future__ import annotations
 

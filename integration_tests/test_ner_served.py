@@ -1,4 +1,5 @@
-"""ner.mar and ner_aoti.mar on real TorchServe, against transformers.pipeline("token-classification").
+"""ner.mar and ner_aoti.mar on real TorchServe, against
+transformers.pipeline("token-classification").
 
 The oracle is the pipeline on the checkpoint the archive was built from
 (``build/checkpoints/ner``, ``scripts/train_ner.py``), with the archive's truncation

@@ -1,4 +1,5 @@
-"""minilm.mar and minilm_aoti.mar on real TorchServe: parity with sentence-transformers, batching, and refusals.
+"""minilm.mar and minilm_aoti.mar on real TorchServe: parity with sentence-transformers,
+batching, and refusals.
 
 The reference is the same folder the archive was exported from, loaded by sentence-transformers
 in this process. ``encode(normalize_embeddings=False)`` on that folder still runs its Normalize

@@ -1,4 +1,5 @@
-"""sentiment.mar, sentiment_eager.mar and sentiment_aoti.mar on real TorchServe, against transformers.pipeline.
+"""sentiment.mar, sentiment_eager.mar and sentiment_aoti.mar on real TorchServe, against
+transformers.pipeline.
 
 The oracle is ``transformers.pipeline("text-classification", top_k=None)`` on the checkpoint
 both archives were built from, run one text at a time with the archive's own truncation

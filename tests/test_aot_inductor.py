@@ -20,6 +20,7 @@ from harness import (
 )
 from torch import nn
 
+from ts_handlers import export
 from ts_handlers.config import ConfigError
 from ts_handlers.export import METADATA_FILE, AOTInductorFormat, ExportError, ExportPlan
 from ts_handlers.tools.build import REPORT_FILE, build_archive
@@ -102,6 +103,17 @@ def test_a_one_token_input_runs(aoti_handler: Any) -> None:
 def test_a_package_compiled_for_cpu_is_refused_on_another_device(aoti_handler: Any) -> None:
     with pytest.raises(ExportError, match="compiled for CPU and cannot run on cuda:0"):
         AOTInductorFormat().load(aoti_handler.model_dir / "model.pt2", torch.device("cuda:0"))
+
+
+def test_a_package_for_instructions_this_cpu_lacks_is_refused_at_load(
+    aoti_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CPU without the vector instructions the kernels were compiled for (AVX-512 on the
+    # project's machine) would die on SIGILL at the first request.
+    for name in export._CPU_ISA_CHECKS:
+        monkeypatch.setitem(export._CPU_ISA_CHECKS, name, lambda: False)
+    with pytest.raises(ExportError, match=r"compiled for AVX\S*.* this CPU lacks AVX"):
+        AOTInductorFormat().load(aoti_handler.model_dir / "model.pt2", torch.device("cpu"))
 
 
 class DataDependent(nn.Module):

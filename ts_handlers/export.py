@@ -221,8 +221,37 @@ class AOTInductorFormat(ExportFormat):
         contents = load_pt2(path)
         if "model" not in contents.aoti_runners:
             raise ExportError(f"{path.name} holds no AOTInductor model")
+        runner = contents.aoti_runners["model"]
+        _check_cpu_isa(path, runner.get_metadata().get("AOTI_CPU_ISA", ""))
         metadata = json.loads(contents.extra_files.get(METADATA_FILE) or "{}")
-        return AOTInductorModel(contents.aoti_runners["model"]).eval(), metadata
+        return AOTInductorModel(runner).eval(), metadata
+
+
+# The instruction sets AOTInductor names in a package (AOTI_CPU_ISA, e.g. "AVX512 AVX512_VNNI")
+# and how to ask this CPU for each without a compiler (Inductor's own check compiles a probe,
+# and a serving image may have no compiler).
+_CPU_ISA_CHECKS: dict[str, Callable[[], bool]] = {
+    "AVX2": lambda: torch.cpu._is_avx2_supported(),
+    "AVX512": lambda: torch.cpu._is_avx512_supported(),
+    "AVX512_VNNI": lambda: torch.cpu._is_vnni_supported(),
+    "AVX512_BF16": lambda: torch.cpu._is_avx512_bf16_supported(),
+    "AMX_TILE": lambda: torch.cpu._is_amx_tile_supported(),
+}
+
+
+def _check_cpu_isa(path: Path, package_isa: str) -> None:
+    """Refuses, at load, a package whose kernels use instructions this CPU lacks: running it
+    would kill the worker with SIGILL on the first request instead."""
+    missing = [
+        name
+        for name in package_isa.upper().split()
+        if name in _CPU_ISA_CHECKS and not _CPU_ISA_CHECKS[name]()
+    ]
+    if missing:
+        raise ExportError(
+            f"{path.name} was compiled for {package_isa} and this CPU lacks {', '.join(missing)}: "
+            "rebuild the archive on a machine with this CPU, or use save_mode 'torchscript'"
+        )
 
 
 def _first_lines(error: Exception, lines: int = 6) -> str:

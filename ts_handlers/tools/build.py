@@ -72,6 +72,8 @@ def build_archive(
     started = time.perf_counter()
     print(f"[{name}] loading the model ({task.mode})", flush=True)
     plan = task.prepare_export(export_config)
+    # Wall-clock seconds per stage, kept in the report (docs/performance.md compares formats).
+    seconds = {"load": time.perf_counter() - started}
     # Refused before anything is exported or written: a wrong labels file fails every request.
     read_labels(config_dir / LABELS_FILE, plan.num_classes)
     with tempfile.TemporaryDirectory(prefix=f"ts-handlers-{name}-") as staging_name:
@@ -82,10 +84,10 @@ def build_archive(
         serialized = None
         if config.save_mode != "pretrained":
             print(f"[{name}] exporting ({config.save_mode}) and verifying", flush=True)
-            serialized, verification = _export(export_config, plan, files)
+            serialized, verification = _export(export_config, plan, files, seconds)
             report["verification"] = verification
         resolved = {**config.to_dict(), **plan.resolved}
-        report.update(metadata=plan.metadata, resolved=plan.resolved)
+        report.update(metadata=plan.metadata, resolved=plan.resolved, seconds=seconds)
         (files / SETUP_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
         (files / REPORT_FILE).write_text(json.dumps(report, indent=2))
         for source in [config_dir / LABELS_FILE, *plan.extra_files]:
@@ -121,7 +123,10 @@ def resolve_paths(config: HandlerConfig, config_dir: Path) -> HandlerConfig:
     return config.replace(**resolved)
 
 
-def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path, dict[str, Any]]:
+def _export(
+    config: HandlerConfig, plan: ExportPlan, files: Path, seconds: dict[str, float]
+) -> tuple[Path, dict[str, Any]]:
+    """Exports and verifies; records the export and verification seconds in ``seconds``."""
     export_format = format_for(config.save_mode, freeze=config.freeze)
     reduced = precision.is_reduced(config)
     precision_report: dict[str, Any] = {}
@@ -144,12 +149,17 @@ def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path,
     elif plan.model is not None:
         model = plan.model
         if reduced:
+            started = time.perf_counter()
             model, precision_report = precision.reduce_precision(config, plan)
+            seconds["reduce_precision"] = time.perf_counter() - started
+        started = time.perf_counter()
         exported = export_format.export(model, plan, config.export_method)
+        seconds["export"] = time.perf_counter() - started
         against, reference = "eager", plan.reference or plan.model
     else:
         raise ExportError(f"save_mode {config.save_mode!r} needs an eager model to export")
     assert reference is not None
+    started = time.perf_counter()
     judge = criterion = None
     if reduced:
         gate = precision.gate_for(config, plan.output_kind)
@@ -197,6 +207,7 @@ def _export(config: HandlerConfig, plan: ExportPlan, files: Path) -> tuple[Path,
     elif plan.fixed_shape_inputs:
         # Every shape verified: pad per batch, unless the config itself asks for max_length.
         plan.resolved.setdefault("pad_to_max_length", getattr(config, "pad_to_max_length", False))
+    seconds["verify"] = time.perf_counter() - started
     path = files / export_format.file_name
     export_format.save(
         exported, path, {"verification": verification, **plan.metadata, **plan.resolved}
