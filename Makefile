@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.ts-handlers-setup
 
-.PHONY: setup archives demo test unit integration bench bench-peers lint clean
+.PHONY: setup archives bench-archives demo test unit integration bench bench-peers bench-formats lint clean
 
 # AOTInductor's compiled kernels and headers, reused by later builds and tests.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/build/inductor-cache
@@ -38,10 +38,19 @@ integration: archives
 bench: archives
 	$(PY) benchmarks/embeddings.py
 
+# Archives only the benchmarks use (MiniLM compiled by AOTInductor in bfloat16 and int8); the
+# int8 build ranks every layer, which `make test` has no need to wait for.
+bench-archives: archives
+	$(PY) -m ts_handlers.tools.build --all --configs-root benchmarks/archiver_configs
+
 # Our archives against LitServe and Infinity serving the same MiniLM (docs/performance.md). The
 # peers live in their own environment, .venv-peers, set up here once; never part of `make test`.
-bench-peers: archives .venv-peers/.ts-handlers-peers
+bench-peers: bench-archives .venv-peers/.ts-handlers-peers
 	$(PY) benchmarks/peers.py
+
+# TorchScript against AOTInductor: export time, size, worker load time, first answer.
+bench-formats: bench-archives
+	$(PY) benchmarks/formats.py
 
 .venv-peers/.ts-handlers-peers: scripts/setup_peers.sh constraints.txt
 	bash scripts/setup_peers.sh

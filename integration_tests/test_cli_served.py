@@ -1,7 +1,8 @@
 """The ``ts-handlers`` command against real TorchServe, run as a user runs it: a subprocess.
 
-``predict`` starts its own server on mnist.mar and prints the digit; ``serve`` prints where the
-server listens and where its key is, answers requests made with that key, and stops on Ctrl-C.
+``predict`` starts its own server on mnist.mar and prints the digit, and on sentiment_eager.mar
+draws an explanation as HTML; ``serve`` prints where the server listens and where its key is,
+answers requests made with that key, and stops on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -59,6 +60,34 @@ def test_predict_starts_a_server_and_prints_the_digit(digit_png: tuple[Path, int
     assert len(rows) == 3  # archiver_configs/mnist: top_k 3
     scores = [float(row[1]) for row in rows]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_predict_explain_html_draws_the_served_attributions(tmp_path: Path) -> None:
+    archive = require(MODEL_STORE / "sentiment_eager.mar")
+    page = tmp_path / "out.html"
+    text = "I loved this film, a <wonderful> cast"
+    started = time.monotonic()
+    result = subprocess.run(
+        [COMMAND, "predict", str(archive), "--text", text, "--explain", "--html", str(page)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT + STOP_TIMEOUT,
+    )
+    print(f"ts-handlers predict --explain took {time.monotonic() - started:.1f}s:\n{result.stdout}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    label, score = lines[0].split()
+    assert label == "positive" and 0.5 < float(score) <= 1.0
+    assert lines[-1] == f"wrote {page}"
+    html = page.read_text(encoding="utf-8")
+    tokens = [row.split()[0] for row in lines[1:-1]]
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and "loved" in tokens
+    # One coloured span per token, the text escaped, nothing fetched from elsewhere.
+    assert html.count('<span class="token') == len(tokens)
+    assert f"predicted <strong>{label}</strong>" in html
+    assert "&lt;" in html and "<wonderful>" not in html
+    assert "http" not in html and "<script" not in html
 
 
 def read_lines(stream, lines: queue.Queue) -> None:

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from ts_handlers.metrics import METRICS_CONFIG
 from ts_handlers.tools.server import (
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_MAX_RESPONSE_SIZE,
@@ -119,6 +120,16 @@ def test_caller_overrides_are_written_last(tmp_path):
 
 def test_the_handler_parses_json_itself(tmp_path):
     assert written(tmp_path)["decode_input_request"] == "false"
+
+
+def test_metrics_are_prometheus_with_the_shipped_config(tmp_path):
+    properties = written(tmp_path)
+    assert properties["metrics_mode"] == "prometheus"
+    assert Path(properties["metrics_config"]) == METRICS_CONFIG
+    assert METRICS_CONFIG.is_file() and METRICS_CONFIG.name == "metrics.yaml"
+    assert properties["disable_system_metrics"] == "true"
+    changed = written(tmp_path, extra_properties={"metrics_mode": "log"})
+    assert changed["metrics_mode"] == "log"
 
 
 def test_properties_escape_round_trips(tmp_path):

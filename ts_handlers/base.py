@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -39,7 +39,10 @@ from ts_handlers.config import (
 from ts_handlers.errors import InvalidInput, RequestError, TooManyRequests, error_body
 from ts_handlers.export import load_artifact
 from ts_handlers.labels import LABELS_FILE, read_labels
+from ts_handlers.metrics import DECODE, ENCODE, FORWARD, BatchMetrics, report
 from ts_handlers.payload import Request
+from ts_handlers.protocols import KServeRequest, OutputTensor, json_per_input, recognise
+from ts_handlers.protocols import error_body as kserve_error_body
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,9 @@ class Decoded:
     options: Any = field(default_factory=RequestOptions)
     # True when the client sent one input rather than a list: answer with one item, unwrapped.
     single: bool = True
+    # The KServe protocol the request came in (protocols.py), which wraps its answer; None:
+    # the task's own request forms.
+    protocol: KServeRequest | None = None
 
 
 class TaskHandler(Generic[ConfigT]):
@@ -79,6 +85,9 @@ class TaskHandler(Generic[ConfigT]):
     config_class: ClassVar[type[HandlerConfig]] = HandlerConfig
     # The per-request options the task accepts, declared once (see config.RequestOptions).
     options_class: ClassVar[type[RequestOptions]] = RequestOptions
+    # KServe instances (v1 instances, v2 BYTES elements) are base64 of binary data (an image
+    # file) when True, text as sent when False (protocols.py).
+    kserve_binary: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.initialized = False
@@ -92,6 +101,11 @@ class TaskHandler(Generic[ConfigT]):
         # explanations, on this clock.
         self._clock: Callable[[], float] = time.monotonic
         self._predictions_first_until = 0.0
+        # The KServe protocol of each request of the batch being handled, by index: its errors
+        # are written in that protocol's error body.
+        self._kserve: dict[int, KServeRequest] = {}
+        # The current batch's stage times and sizes (ts_handlers/metrics.py).
+        self.batch_metrics = BatchMetrics()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -154,6 +168,20 @@ class TaskHandler(Generic[ConfigT]):
     def encode(self, outputs: list[Any], decoded: Decoded) -> Any:
         raise NotImplementedError
 
+    def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
+        """A KServe request's instances (v1 ``instances``, the v2 tensor's elements) as model
+        inputs: ``str`` for text as sent, ``bytes`` for base64-sent data. ``field`` names them
+        in error messages (``instances``, ``inputs[0].data``). The answer is a list, one per
+        instance."""
+        raise InvalidInput(
+            f"{type(self).__name__} does not take KServe v1/v2 bodies; send its own request form"
+        )
+
+    def kserve_outputs(self, outputs: list[Any], decoded: Decoded) -> list[OutputTensor]:
+        """This request's answers as Open Inference Protocol output tensors. Default: BYTES
+        ``[n]``, each instance's answer as JSON; a task with numbers to give overrides it."""
+        return [json_per_input("output-0", self.encode(outputs, decoded))]
+
     def describe(self) -> dict[str, Any]:
         """The answer to ``GET /models/<name>?customized=true``: labels, config, export figures.
 
@@ -203,19 +231,23 @@ class TaskHandler(Generic[ConfigT]):
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
         started = time.perf_counter()
+        self.batch_metrics = BatchMetrics()
         answers = self._handle(data, context)
         # What TorchServe's BaseHandler records; PredictionTime is recorded by TorchServe itself.
         metrics = getattr(context, "metrics", None)
         if metrics is not None:
             elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
             metrics.add_time("HandlerTime", elapsed_ms, None, "ms")
+        report(context, self.batch_metrics, len(answers))
         return answers
 
     def _handle(self, data: list[Any], context: Any) -> list[Any]:
         self.context = context
+        self._kserve = {}
         answers: list[Any] = [None] * len(data)
         decoded: dict[int, Decoded] = {}
         explain: dict[int, tuple[Decoded, int]] = {}
+        decode_started = time.perf_counter()
         for index, row in enumerate(data):
             if (
                 len(data) == 1
@@ -232,7 +264,7 @@ class TaskHandler(Generic[ConfigT]):
                 request = Request.from_row(
                     row, self._content_type(context, index), context.get_all_request_header(index)
                 )
-                item = self.decode(request)
+                item = self._decode(index, request)
                 if not item.inputs:
                     raise InvalidInput("the request contains no inputs")
                 if self._wants_explanation(context, index):
@@ -248,6 +280,7 @@ class TaskHandler(Generic[ConfigT]):
             except Exception:  # an unexpected decode failure must not take the batch down
                 logger.exception("decoding request %d failed", index)
                 answers[index] = self._internal_error(context, index)
+        self.batch_metrics.add_time(DECODE, time.perf_counter() - decode_started)
 
         self._explain(context, explain, answers, bool(decoded))
         self._defer_past_budget(context, decoded, answers)
@@ -260,6 +293,34 @@ class TaskHandler(Generic[ConfigT]):
         return answers
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _decode(self, index: int, request: Request) -> Decoded:
+        """A KServe v1/v2 body through its protocol (protocols.py), any other through ``decode``.
+
+        A JSON object or list is parsed here once and handed on parsed, as TorchServe hands on
+        a body it decoded itself.
+        """
+        payload = None
+        if request.looks_like_json() and _opens_json_container(request.body):
+            payload = request.json()
+            kserve = recognise(payload)
+            if kserve is not None:
+                self._kserve[index] = kserve  # from here on its errors are in its own body
+                return kserve.decode(self, request)
+        if isinstance(payload, dict | list) and not isinstance(request.body, dict | list):
+            request = replace(request, body=payload)
+        return self.decode(request)
+
+    def _encode(self, outputs: list[Any], item: Decoded) -> Any:
+        """The task's answer, wrapped in the request's KServe protocol when it came in one."""
+        if item.protocol is None:
+            return self.encode(outputs, item)
+        return item.protocol.answer(self, outputs, item)
+
+    def _explanation(self, item: Decoded) -> Any:
+        if item.protocol is None:
+            return self.explain_inputs(item.inputs, item)
+        return item.protocol.explanation(self, item)
 
     def _predict(self, context: Any, decoded: dict[int, Decoded], answers: list[Any]) -> None:
         flat = [value for item in decoded.values() for value in item.inputs]
@@ -274,14 +335,18 @@ class TaskHandler(Generic[ConfigT]):
                 answers[index] = self._answer(
                     context,
                     index,
-                    lambda item=item: self.encode(self._run_forward(item.inputs), item),
+                    lambda item=item: self._encode(self._run_forward(item.inputs), item),
                 )
             return
         offset = 0
+        encode_started = time.perf_counter()
         for index, item in decoded.items():
             chunk = list(outputs[offset : offset + len(item.inputs)])
             offset += len(item.inputs)
-            answers[index] = self._answer(context, index, lambda c=chunk, i=item: self.encode(c, i))
+            answers[index] = self._answer(
+                context, index, lambda c=chunk, i=item: self._encode(c, i)
+            )
+        self.batch_metrics.add_time(ENCODE, time.perf_counter() - encode_started)
 
     def _explain(
         self,
@@ -320,9 +385,7 @@ class TaskHandler(Generic[ConfigT]):
                 continue
             spent += cost
             ran = True
-            answers[index] = self._answer(
-                context, index, lambda item=item: self.explain_inputs(item.inputs, item)
-            )
+            answers[index] = self._answer(context, index, lambda item=item: self._explanation(item))
         if ran:
             finished = self._clock()
             self._predictions_first_until = finished + (finished - started)
@@ -391,10 +454,11 @@ class TaskHandler(Generic[ConfigT]):
             answers[index] = self._reject(context, index, error)
 
     def _run_forward(self, inputs: list[Any]) -> list[Any]:
-        with torch.inference_mode():
+        with torch.inference_mode(), self.batch_metrics.timed(FORWARD):
             outputs = list(self.forward(inputs))
         if len(outputs) != len(inputs):
             raise RuntimeError(f"forward returned {len(outputs)} outputs for {len(inputs)} inputs")
+        self.batch_metrics.inputs += len(inputs)  # inputs the model ran, retries included
         return outputs
 
     def _answer(self, context: Any, index: int, produce: Callable[[], Any]) -> str | bytes:
@@ -411,20 +475,23 @@ class TaskHandler(Generic[ConfigT]):
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
         return body
 
-    @staticmethod
-    def _reject(context: Any, index: int, error: RequestError) -> str:
+    def _reject(self, context: Any, index: int, error: RequestError) -> str:
         context.set_response_status(int(error.status), error.status.phrase, index)
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
         if isinstance(error, TooManyRequests):
             context.set_response_header(index, "Retry-After", str(error.retry_after))
+        if index in self._kserve:  # the KServe protocols' own error body
+            return kserve_error_body(error.message)
         return error.to_json()
 
-    @staticmethod
-    def _internal_error(context: Any, index: int) -> str:
+    def _internal_error(self, context: Any, index: int) -> str:
         status = HTTPStatus.INTERNAL_SERVER_ERROR
         context.set_response_status(int(status), status.phrase, index)
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
-        return error_body(status, "InternalServerError", "the model failed on this request")
+        message = "the model failed on this request"
+        if index in self._kserve:
+            return kserve_error_body(message)
+        return error_body(status, "InternalServerError", message)
 
     @staticmethod
     def _content_type(context: Any, index: int) -> str:
@@ -437,6 +504,15 @@ class TaskHandler(Generic[ConfigT]):
     @staticmethod
     def _wants_explanation(context: Any, index: int) -> bool:
         return context.get_request_header(index, "explain") == "True"
+
+
+def _opens_json_container(body: Any) -> bool:
+    """True for a parsed object or list, or text that starts one: what may be a KServe body."""
+    if isinstance(body, dict | list):
+        return True
+    if isinstance(body, bytes | bytearray | str):
+        return body[:64].lstrip()[:1] in (b"{", b"[", "{", "[")
+    return False
 
 
 def without_paths(value: Any) -> Any:

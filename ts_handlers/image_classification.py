@@ -3,6 +3,8 @@
 Accepts image bytes of any size and mode (PNG, JPEG, BMP, ...), a base64 string, or JSON
 ``{"data": "<base64>", "top_k": 3}``; converts to the configured colour mode, resizes,
 normalises, batches, and answers ``[{"label": ..., "score": ...}, ...]`` sorted by score.
+KServe v1/v2 bodies carry up to ``max_images_per_request`` base64 images
+(docs/kserve-protocols.md).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from ts_handlers.config import (
     PositiveInt,
     RequestOptions,
 )
-from ts_handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ts_handlers.errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 from ts_handlers.export import ExportPlan
 from ts_handlers.payload import Request, decode_base64, reject_unknown_fields
+from ts_handlers.protocols import OutputTensor, labels_and_scores
 from ts_handlers.tasks import Task
 
 COLOR_MODES = ("L", "RGB")
@@ -54,6 +57,10 @@ class ImageClassificationConfig(HandlerConfig):
     # header states them (a 16-bit RGBA PNG is 8 bytes a pixel); more: 413 before decoding.
     # The default is a 4096 x 4096 RGB image at 8 bits.
     max_image_bytes: PositiveInt = 4096 * 4096 * 3
+    # Images in one KServe v1/v2 request (the other request forms carry one); more: 413. A full
+    # batch of such requests at the two limits above stays a few times the cost of a batch of
+    # single worst images, well inside responseTimeout (docs/kserve-protocols.md).
+    max_images_per_request: PositiveInt = 4
 
     @model_validator(mode="after")
     def _shapes_fit_the_colour_mode(self) -> ImageClassificationConfig:
@@ -148,6 +155,7 @@ def image_to_tensor(image: Image.Image, config: ImageClassificationConfig) -> to
 class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
     config_class = ImageClassificationConfig
     options_class = ImageClassificationOptions
+    kserve_binary = True  # a KServe instance is an image file, base64-encoded
 
     def with_defaults(self, options: ImageClassificationOptions) -> Any:
         return options.model_copy(update={"top_k": options.top_k or self.config.top_k})
@@ -183,8 +191,26 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
         elif raw is None or not _is_image_signature(raw):
             raw = self._bytes_or_base64(request, raw)
         options = self.read_options(request, payload)
+        return Decoded(inputs=[self.image_tensor(raw)], options=options)
+
+    def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
+        limit = self.config.max_images_per_request
+        if len(values) > limit:
+            raise PayloadTooLarge(
+                f"{len(values)} images in one request; the limit is {limit} "
+                f"({SETUP_CONFIG_FILE} max_images_per_request)"
+            )
+        inputs = []
+        for index, raw in enumerate(values):
+            try:
+                inputs.append(self.image_tensor(raw))  # bytes: kserve_binary
+            except RequestError as error:  # the same error, naming the instance
+                raise type(error)(f"{field}[{index}]: {error.message}") from None
+        return Decoded(inputs=inputs, options=options, single=False)
+
+    def image_tensor(self, raw: bytes) -> torch.Tensor:
         image = open_image(raw, self.config.max_image_pixels, self.config.max_image_bytes)
-        return Decoded(inputs=[image_to_tensor(image, self.config)], options=options)
+        return image_to_tensor(image, self.config)
 
     @staticmethod
     def _bytes_or_base64(request: Request, raw: bytes | None) -> bytes:
@@ -202,7 +228,11 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
         return list(probabilities)
 
     def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
-        return top_k_labels(outputs[0], self.labels, decoded.options.top_k)
+        answers = [top_k_labels(row, self.labels, decoded.options.top_k) for row in outputs]
+        return answers[0] if decoded.single else answers
+
+    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+        return labels_and_scores(self.encode(outputs, decoded))
 
 
 def _is_image_signature(raw: bytes | None) -> bool:

@@ -32,6 +32,7 @@ from torch import nn
 from ts_handlers.base import Decoded, entry_point
 from ts_handlers.config import ConfigError, OptionBool, PositiveInt
 from ts_handlers.export import ExportError, ExportPlan
+from ts_handlers.protocols import OutputTensor, fp32_tensor
 from ts_handlers.tasks import Task
 from ts_handlers.text import (
     MAX_FLOAT_CHARS,
@@ -167,6 +168,9 @@ class SentenceEmbeddingHandler(TextHandler):
         # Always a list of vectors, also for one string: clients index the answer the same way.
         # A float32 array: the answer is written at float32's precision (base._answer).
         return embeddings.numpy()
+
+    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+        return [fp32_tensor("embeddings", self.encode(outputs, decoded))]  # [texts, dimension]
 
 
 # ---- export ----------------------------------------------------------------------------------

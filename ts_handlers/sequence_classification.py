@@ -26,6 +26,7 @@ from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, OptionInt, Positi
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
+from ts_handlers.protocols import OutputTensor, labels_and_scores
 from ts_handlers.tasks import Task
 from ts_handlers.text import (
     MAX_FLOAT_CHARS,
@@ -174,6 +175,9 @@ class SequenceClassificationHandler(TextHandler):
             top_k_labels(apply_function(logits, function), self.labels, top_k) for logits in outputs
         ]
         return answers[0] if decoded.single else answers
+
+    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+        return labels_and_scores(self.encode(outputs, decoded))
 
     def explanation_cost(self, decoded: Decoded) -> int:
         """Token-steps the request would run; refuses, before any work, an archive that cannot

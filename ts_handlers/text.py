@@ -35,6 +35,7 @@ from ts_handlers.config import (
 )
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan, one_at_a_time
+from ts_handlers.metrics import TOKENIZE
 from ts_handlers.payload import DEFAULT_MAX_RESPONSE_SIZE, Request, reject_unknown_fields
 
 logger = logging.getLogger(__name__)
@@ -162,17 +163,40 @@ class TextHandler(TaskHandler[Any]):
             texts, single = [request.text()], True
         options = self.read_options(request, payload)
         self.check_answer_size(len(texts), options)
+        return self.decode_texts(texts, options, single)
+
+    def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
+        """A KServe request's texts; base64-sent ones must be UTF-8."""
+        self.check_text_count(len(values))
+        # A KServe answer may hold each text's answer as JSON inside a JSON string (v2 BYTES).
+        self.check_answer_size(len(values), options, escaped=True)
+        texts = []
+        for index, value in enumerate(values):
+            try:
+                texts.append(value if isinstance(value, str) else value.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise InvalidInput(
+                    f"{field}[{index}] is base64 of bytes that are not UTF-8 text "
+                    f"(byte {error.start}); send the text itself, or its UTF-8 bytes"
+                ) from None
+        return self.decode_texts(texts, options, single=False, field=field)
+
+    def decode_texts(
+        self, texts: list[str], options: Any, single: bool, field: str = "inputs"
+    ) -> Decoded:
+        """Tokenizes a request's texts within the per-request limits; ``field`` names the
+        texts in error messages."""
         self.check_text_chars(texts)
         truncate = options.truncate
         inputs = []
         tokens = 0
         padded = self.config.max_length if self.config.pad_to_max_length else 0
         for index, text in enumerate(texts):
-            item = self.tokenize(text, index, truncate)
+            item = self.tokenize(text, index, truncate, field)
             tokens += padded or len(item.input_ids)  # the positions the model will run
             if tokens > self.config.max_tokens_per_request:
                 raise PayloadTooLarge(
-                    f"inputs[:{index + 1}] are already {tokens} tokens after truncation; the "
+                    f"{field}[:{index + 1}] are already {tokens} tokens after truncation; the "
                     f"limit is {self.config.max_tokens_per_request} tokens per request "
                     f"({SETUP_CONFIG_FILE} max_tokens_per_request). Send fewer or shorter texts"
                 )
@@ -194,7 +218,7 @@ class TextHandler(TaskHandler[Any]):
         """An upper bound on the JSON bytes of one text's answer; 0: no bound to check."""
         return 0
 
-    def check_answer_size(self, count: int, options: dict[str, Any]) -> None:
+    def check_answer_size(self, count: int, options: Any, *, escaped: bool = False) -> None:
         """Refuses a request whose answer could exceed max_response_size, before any work.
 
         TorchServe's frontend checks each answer of a batch on its own against its
@@ -205,6 +229,9 @@ class TextHandler(TaskHandler[Any]):
             return
         limit = self.config.max_response_size
         size = answer_bytes(count, per_text)
+        if escaped:  # JSON inside a JSON string at most doubles; then the KServe envelope
+            size = 2 * size + KSERVE_ENVELOPE_BYTES
+            limit = (limit - KSERVE_ENVELOPE_BYTES) // 2
         if size > limit:
             fits = max((limit - 2) // (per_text + 2), 0)
             raise PayloadTooLarge(
@@ -241,12 +268,7 @@ class TextHandler(TaskHandler[Any]):
         if isinstance(payload, list):
             if not payload:
                 raise InvalidInput('"inputs" is an empty list; send at least one text')
-            limit = self.config.max_texts_per_request
-            if len(payload) > limit:
-                raise PayloadTooLarge(
-                    f"{len(payload)} texts in one request; the limit is {limit} "
-                    f"({SETUP_CONFIG_FILE} max_texts_per_request)"
-                )
+            self.check_text_count(len(payload))
             for index, item in enumerate(payload):
                 if not isinstance(item, str):
                     raise InvalidInput(
@@ -257,14 +279,24 @@ class TextHandler(TaskHandler[Any]):
             f'"inputs" must be a string or a list of strings, got {type(payload).__name__}'
         )
 
-    def tokenize(self, text: str, index: int, truncate: bool = True) -> Tokenized:
+    def check_text_count(self, count: int) -> None:
+        limit = self.config.max_texts_per_request
+        if count > limit:
+            raise PayloadTooLarge(
+                f"{count} texts in one request; the limit is {limit} "
+                f"({SETUP_CONFIG_FILE} max_texts_per_request)"
+            )
+
+    def tokenize(
+        self, text: str, index: int, truncate: bool = True, field: str = "inputs"
+    ) -> Tokenized:
         if not text.strip():
-            raise InvalidInput(f"inputs[{index}] is empty or whitespace only")
+            raise InvalidInput(f"{field}[{index}] is empty or whitespace only")
         try:  # JSON may carry "\ud800" escapes that no UTF-8 tokenizer can take
             text.encode("utf-8")
         except UnicodeEncodeError as error:
             raise InvalidInput(
-                f"inputs[{index}] has an unpaired surrogate at char {error.start}; "
+                f"{field}[{index}] has an unpaired surrogate at char {error.start}; "
                 "send valid Unicode text"
             ) from None
         max_length = self.config.max_length
@@ -272,7 +304,7 @@ class TextHandler(TaskHandler[Any]):
         if len(text) > cut:
             if not truncate:
                 raise PayloadTooLarge(
-                    f"inputs[{index}] is {len(text)} characters; with truncate: false a text "
+                    f"{field}[{index}] is {len(text)} characters; with truncate: false a text "
                     f"may have at most {cut} ({CHARS_PER_TOKEN} per token of max_length "
                     f"{max_length}). Shorten it or send truncate: true"
                 )
@@ -284,17 +316,18 @@ class TextHandler(TaskHandler[Any]):
             text = text.lower()
         # One tokenizer pass: truncate while tokenizing, or count every token to refuse.
         per_token = self.token_outputs
-        encoding = self.tokenizer(
-            text,
-            truncation=truncate,
-            max_length=max_length,
-            return_offsets_mapping=per_token,
-            return_special_tokens_mask=per_token,
-        )
+        with self.batch_metrics.timed(TOKENIZE):
+            encoding = self.tokenizer(
+                text,
+                truncation=truncate,
+                max_length=max_length,
+                return_offsets_mapping=per_token,
+                return_special_tokens_mask=per_token,
+            )
         input_ids = encoding["input_ids"]
         if len(input_ids) > max_length:
             raise PayloadTooLarge(
-                f"inputs[{index}] is {len(input_ids)} tokens; this model reads at most "
+                f"{field}[{index}] is {len(input_ids)} tokens; this model reads at most "
                 f"{max_length}. Shorten it or send truncate: true"
             )
         return Tokenized(
@@ -314,6 +347,9 @@ class TextHandler(TaskHandler[Any]):
         for start in range(0, len(order), size):
             group = order[start : start + size]
             input_ids, attention_mask = self.collate([inputs[i] for i in group])
+            # Tokens per batch: the texts' own, and the positions the model runs (padding too).
+            self.batch_metrics.tokens += sum(len(inputs[i].input_ids) for i in group)
+            self.batch_metrics.padded_tokens += input_ids.numel()
             results = self.run_model(input_ids.to(self.device), attention_mask.to(self.device))
             for position, index in enumerate(group):
                 row = results[position]
@@ -331,6 +367,9 @@ class TextHandler(TaskHandler[Any]):
         return self.model(input_ids, attention_mask)
 
 
+# Bytes a KServe answer adds around the answers: the v2 model name, id, version and output
+# tensor descriptions, or the v1 "predictions" key (protocols.py).
+KSERVE_ENVELOPE_BYTES = 1024
 # Characters of the longest number JSON writes for a float ("-2.2250738585072014e-308").
 MAX_FLOAT_CHARS = 24
 

@@ -20,6 +20,7 @@ import torch
 from ts_handlers.base import Decoded, entry_point
 from ts_handlers.config import ConfigError, StrTuple
 from ts_handlers.export import ExportPlan
+from ts_handlers.protocols import OutputTensor, json_per_input
 from ts_handlers.tasks import Task
 from ts_handlers.text import (
     MAX_FLOAT_CHARS,
@@ -97,6 +98,10 @@ class TokenClassificationHandler(TextHandler):
             for item, logits in zip(decoded.inputs, outputs, strict=True)
         ]
         return answers[0] if decoded.single else answers
+
+    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+        # Entities per text vary in number and fields: one JSON list per text.
+        return [json_per_input("entities", self.encode(outputs, decoded))]
 
     def entities(self, item: Tokenized, logits: torch.Tensor, strategy: Any) -> list[dict]:
         scores = torch.softmax(logits.float(), dim=-1).numpy()

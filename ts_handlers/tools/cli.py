@@ -5,10 +5,13 @@
     ts-handlers serve reviews.mar                           # until Ctrl-C
     ts-handlers predict reviews --text "a thin plot, carried by its cast"
     ts-handlers predict mnist --file digit.png --url http://127.0.0.1:8080 --key key_file.json
+    ts-handlers predict sentiment_eager --text "loved it" --explain --html explain.html
+    ts-handlers kserve kserve_out mnist sentiment          # -> what KServe mounts + manifest
 
 ``build`` runs ``ts_handlers.tools.build``; ``serve`` and ``predict`` start a
 ``LocalTorchServe`` with its safe defaults (loopback only, token authorization on, model API
-off); ``init`` writes the config folder the build reads, for a model folder or file as it is.
+off); ``init`` writes the config folder the build reads, for a model folder or file as it is;
+``kserve`` writes the folder KServe's TorchServe runtime mounts (docs/kserve.md).
 """
 
 from __future__ import annotations
@@ -208,7 +211,16 @@ def run_predict(args: argparse.Namespace) -> int:
         with TorchServeClient(
             args.url, inference_key=read_inference_key(args.key), timeout=args.timeout
         ) as client:
-            return _predict_and_print(client, name, body, content_type, inputs, TorchServeError)
+            return _predict_and_print(
+                client,
+                name,
+                body,
+                content_type,
+                inputs,
+                TorchServeError,
+                explain=args.explain,
+                html=args.html,
+            )
 
     from ts_handlers.tools.server import LocalTorchServe, TorchServeStartError
 
@@ -221,7 +233,14 @@ def run_predict(args: argparse.Namespace) -> int:
             server.client(timeout=args.timeout) as client,
         ):
             return _predict_and_print(
-                client, Path(archive).stem, body, content_type, inputs, TorchServeError
+                client,
+                Path(archive).stem,
+                body,
+                content_type,
+                inputs,
+                TorchServeError,
+                explain=args.explain,
+                html=args.html,
             )
     except TorchServeStartError as error:
         print(error, file=sys.stderr)
@@ -235,13 +254,26 @@ def _predict_and_print(
     content_type: str | None,
     inputs: Sequence[str] | None,
     error_type: type[Exception],
+    *,
+    explain: bool = False,
+    html: Path | None = None,
 ) -> int:
+    """``explain``: ask ``/explanations/<model>``; ``html``: also draw the answer there."""
     try:
-        answer = client.predict(name, body, content_type=content_type)
+        send = client.explain if explain else client.predict
+        answer = send(name, body, content_type=content_type)
     except error_type as error:
         print(error, file=sys.stderr)
         return 1
     print(format_answer(answer, inputs), flush=True)
+    if html is not None:
+        from ts_handlers.tools.explanation_html import write_html
+
+        try:
+            written = write_html(html, answer, inputs, title=f"{name}: token attributions")
+        except (ValueError, OSError) as error:
+            raise CommandError(f"--html {html}: {error}") from None
+        print(f"wrote {written}", flush=True)
     return 0
 
 
@@ -253,6 +285,14 @@ def format_answer(answer: Any, inputs: Sequence[str] | None = None) -> str:
     """
     if isinstance(answer, bytes):
         return answer.decode("utf-8", errors="replace")
+    if _is_explanation(answer):
+        return _format_explanation(answer)
+    if isinstance(answer, list) and answer and all(map(_is_explanation, answer)):
+        names = inputs if inputs and len(inputs) == len(answer) else range(1, len(answer) + 1)
+        return "\n".join(
+            f"{text}\n{_indent(_format_explanation(row))}"
+            for text, row in zip(names, answer, strict=True)
+        )
     one_answer_per_text = (
         inputs
         and len(inputs) > 1
@@ -275,6 +315,21 @@ def format_answer(answer: Any, inputs: Sequence[str] | None = None) -> str:
         if all("entity_group" in item or "entity" in item for item in answer):
             return _format_entities(answer)
     return json.dumps(answer, indent=2, ensure_ascii=False)
+
+
+def _is_explanation(answer: Any) -> bool:
+    return isinstance(answer, dict) and {"label", "score", "tokens", "attributions"} <= set(answer)
+
+
+def _format_explanation(answer: dict[str, Any]) -> str:
+    """The label and score, then each token with its attribution, one a line."""
+    tokens = [str(token) for token in answer["tokens"]]
+    width = max((len(token) for token in tokens), default=0)
+    rows = [
+        f"  {token:<{width}}  {value:+.4f}"
+        for token, value in zip(tokens, answer["attributions"], strict=False)
+    ]
+    return "\n".join([f"{answer['label']}  {answer['score']:.4f}", *rows])
 
 
 def _is_number(value: Any) -> bool:
@@ -323,6 +378,55 @@ def _format_embeddings(answer: list[list[float]], inputs: Sequence[str] | None) 
 
 def _indent(text: str) -> str:
     return "\n".join(f"  {line}" for line in text.splitlines())
+
+
+# ---- kserve ----------------------------------------------------------------------------------
+
+
+def run_kserve(args: argparse.Namespace) -> int:
+    from ts_handlers.tools import kserve
+
+    if args.archives:
+        store, names = resolve_archives(args.archives, args.model_store)
+    else:
+        store = (args.model_store or DEFAULT_MODEL_STORE).resolve()
+        names = sorted(path.name for path in store.glob("*.mar")) if store.is_dir() else []
+        if not names:
+            raise CommandError(f"no .mar in {store}; build archives first or name some")
+    try:
+        layout = kserve.write_layout(
+            args.out_dir,
+            [store / name for name in names],
+            name=args.name or kserve.DEFAULT_SERVICE_NAME,
+            storage_uri=args.storage_uri or kserve.DEFAULT_STORAGE_URI,
+            protocol=args.protocol,
+            image=args.image,
+            force=args.force,
+        )
+    except kserve.LayoutError as error:
+        raise CommandError(str(error)) from None
+    for archive in layout.archives:
+        workers = archive.workers
+        print(
+            f"model:    {archive.name} ({archive.path.name}; batchSize {workers['batchSize']}, "
+            f"maxBatchDelay {workers['maxBatchDelay']} ms, workers "
+            f"{workers['minWorkers']}-{workers['maxWorkers']})"
+        )
+    print(f"config:   {layout.config}")
+    print(f"metrics:  {layout.metrics_config}")
+    print(f"archives: {layout.model_store}/")
+    print(f"manifest: {layout.manifest}")
+    plugin = [archive for archive in layout.archives if archive.plugin_mode]
+    if plugin:
+        extras = sorted({extra for archive in plugin for extra in archive.extras})
+        requirement = f"ts-handlers[{','.join(extras)}]" if extras else "ts-handlers"
+        print(
+            f"note:     {', '.join(a.path.name for a in plugin)} name their handler by module "
+            f"path: the predictor image needs `pip install '{requirement}'` (docs/kserve.md)"
+            + ("" if args.image else "; pass --image with it")
+        )
+    print(f"next: copy {args.out_dir}/ to the storage URI, then kubectl apply -f {layout.manifest}")
+    return 0
 
 
 # ---- init ------------------------------------------------------------------------------------
@@ -504,7 +608,34 @@ def make_parser() -> argparse.ArgumentParser:
         "--model-store", type=Path, help="default: the archive's folder, else model_store"
     )
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds for the answer")
+    predict.add_argument(
+        "--explain",
+        action="store_true",
+        help="ask /explanations/<model> for token attributions (captum_explanation archives)",
+    )
+    predict.add_argument(
+        "--html", type=Path, help="with --explain: also draw the attributions in this HTML file"
+    )
     predict.set_defaults(run=run_predict)
+
+    kserve = commands.add_parser(
+        "kserve", help="write what KServe mounts and an InferenceService manifest"
+    )
+    kserve.add_argument("out_dir", type=Path, help="gets config/, model-store/ and the manifest")
+    kserve.add_argument(
+        "archives", nargs="*", help="names in the model store or .mar paths (default: all there)"
+    )
+    kserve.add_argument(
+        "--model-store", type=Path, help="default: the archives' folder, else model_store"
+    )
+    kserve.add_argument("--name", default=None, help="the InferenceService's name")
+    kserve.add_argument("--storage-uri", default=None, help="where KServe finds the folder")
+    kserve.add_argument("--protocol", choices=("v1", "v2"), default="v1", help="KServe protocol")
+    kserve.add_argument(
+        "--image", help="the predictor image (one with ts-handlers and TorchServe 0.12)"
+    )
+    kserve.add_argument("--force", action="store_true", help="replace what an earlier run wrote")
+    kserve.set_defaults(run=run_kserve)
 
     init = commands.add_parser("init", help="write archiver_configs/<name>/ for a model")
     init.add_argument(
@@ -540,6 +671,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "predict" and bool(args.url) != bool(args.key):
         parser.error("predict: --url and --key go together (a running server wants its key)")
+    if args.command == "predict" and args.html and not args.explain:
+        parser.error("predict: --html draws an explanation; add --explain")
     if args.command == "init" and min(args.image_size) < 1:
         parser.error("init: --image-size needs two positive numbers")
     try:

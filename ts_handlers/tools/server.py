@@ -6,8 +6,11 @@ authorization on (the keys are read from the ``key_file.json`` TorchServe writes
 API (register/unregister at run time) off unless ``enable_model_api=True``, ``allowed_urls``
 limited to ``.mar`` files inside the model store, and explicit request and response size
 limits. The worker forwards bodies undecoded (``decode_input_request=false``) so the
-handler's strict JSON parser sees every body. All state (logs, pid file, keys) lives in a
-private working folder, so several servers can run side by side and nothing leaks between runs.
+handler's strict JSON parser sees every body. ``/metrics`` answers in Prometheus format
+(``metrics_mode=prometheus``, with no token: keep it on loopback) with the handlers' per-stage
+metrics declared by ``ts_handlers/metrics.yaml`` (docs/metrics.md). All state (logs, pid file,
+keys) lives in a private working folder, so several servers can run side by side and nothing
+leaks between runs.
 The server runs in the foreground in its own process group and is always killed on exit.
 
     with LocalTorchServe(model_store="model_store", models=["mnist.mar"]) as server:
@@ -33,6 +36,7 @@ from typing import Any
 
 import requests
 
+from ts_handlers.metrics import METRICS_CONFIG
 from ts_handlers.payload import DEFAULT_MAX_REQUEST_SIZE, DEFAULT_MAX_RESPONSE_SIZE
 
 KEY_FILE = "key_file.json"
@@ -171,6 +175,10 @@ class LocalTorchServe:
             "default_workers_per_model": 1,
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "true",
+            # /metrics in Prometheus format, with the handlers' per-stage metrics declared
+            # (the frontend drops a backend metric its metrics_config does not declare).
+            "metrics_mode": "prometheus",
+            "metrics_config": METRICS_CONFIG,
             **self.extra_properties,
         }
 
