@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from PIL import Image
 from serving import png_bytes
 
@@ -163,18 +164,22 @@ def test_describe_shows_the_served_config_and_verification(torchserve):
 
 
 def test_torchserve_records_handler_and_prediction_time(
-    torchserve, inference, predict_url, heldout_digits
+    torchserve, inference, model_name, predict_url, heldout_digits
 ):
-    """Our handlers do not inherit BaseHandler, yet TorchServe's per-model timings are there."""
+    """Our handlers do not inherit BaseHandler, yet TorchServe's per-model timings are there:
+    on /metrics, in Prometheus format (metrics_mode=prometheus, ts_handlers/metrics.yaml)."""
     images, _ = heldout_digits
     assert inference.post(predict_url, data=png_bytes(images[0])).status_code == 200
-    log = torchserve.workdir / "logs" / "model_metrics.log"
+    label = f'ModelName="{model_name}"'
     deadline = time.monotonic() + 20
-    text = ""
+    lines: list[str] = []
     while time.monotonic() < deadline:
-        text = log.read_text() if log.is_file() else ""
-        if "HandlerTime" in text and "PredictionTime" in text:
+        text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if label in line]
+        if any(line.startswith("HandlerTime{") for line in lines) and any(
+            line.startswith("PredictionTime{") for line in lines
+        ):
             break
         time.sleep(0.5)
-    assert "HandlerTime.ms" in text and "ModelName:mnist" in text
-    assert "PredictionTime" in text
+    assert any(line.startswith("HandlerTime{") for line in lines), lines
+    assert any(line.startswith("PredictionTime{") for line in lines), lines
