@@ -115,6 +115,45 @@ def make_tiny_bert(vocab_size: int) -> Any:
     return BertForSequenceClassification(config).eval()
 
 
+def save_tiny_sentence_transformer(
+    root: Path, *, max_seq_length: int, layers: int = 2, normalize: bool = False
+) -> Path:
+    """A tiny BERT with mean pooling (and Normalize), saved by sentence-transformers itself into
+    ``root / "model"`` (the checkpoint beside it); returns that folder."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel
+
+    try:  # sentence-transformers >= 5.4 moved the modules
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
+    except ImportError:  # pragma: no cover - depends on the installed sentence-transformers
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    tokenizer = make_tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        initializer_range=0.5,  # wide weights: embeddings of different texts differ clearly
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "checkpoint")
+    tokenizer.save_pretrained(root / "checkpoint")
+    transformer = Transformer(str(root / "checkpoint"), max_seq_length=max_seq_length)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
+    if normalize:
+        modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(root / "model"))
+    return root / "model"
+
+
 def write_text_config(config_dir: Path, checkpoint: Path, **setup: Any) -> Path:
     """An archiver_configs/<name> folder for a sequence-classification checkpoint."""
     config_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from harness import (
     make_context,
     make_tiny_tokenizer,
     run_batch,
+    save_tiny_sentence_transformer,
     unpack_archive,
 )
 from PIL import Image
@@ -377,38 +378,8 @@ def test_explanations_in_v1_and_v2(text_handlers):
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory: pytest.TempPathFactory) -> SentenceEmbeddingHandler:
     """A tiny BERT, mean pooling and Normalize, saved by sentence-transformers and built."""
-    from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel
-
-    try:  # sentence-transformers >= 5.4 moved the modules
-        from sentence_transformers.sentence_transformer.modules import (
-            Normalize,
-            Pooling,
-            Transformer,
-        )
-    except ImportError:  # pragma: no cover - depends on the installed sentence-transformers
-        from sentence_transformers.models import Normalize, Pooling, Transformer
-
     root = tmp_path_factory.mktemp("kserve_embedding")
-    tokenizer = make_tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        initializer_range=0.5,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(root / "checkpoint")
-    tokenizer.save_pretrained(root / "checkpoint")
-    transformer = Transformer(str(root / "checkpoint"), max_seq_length=TINY_TEXT_MAX_LENGTH)
-    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
-    SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(
-        str(root / "model")
-    )
+    save_tiny_sentence_transformer(root, max_seq_length=TINY_TEXT_MAX_LENGTH, normalize=True)
     setup = {"mode": "sentence_embedding", "model_name": str(root / "model")}
     return load(SentenceEmbeddingHandler, build(root, setup))
 

@@ -29,6 +29,7 @@ from harness import (
     make_tiny_tokenizer,
     make_unigram_tokenizer,
     run_batch,
+    save_tiny_sentence_transformer,
     unpack_archive,
     write_text_config,
 )
@@ -106,33 +107,10 @@ def classifier(tiny_text_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny sentence-transformers folder (32 dimensions, mean pooling) through the build."""
-    from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel
-
-    try:
-        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    except ImportError:  # pragma: no cover - older sentence-transformers
-        from sentence_transformers.models import Pooling, Transformer
-
     from ts_handlers.sentence_embedding import SentenceEmbeddingHandler
 
     root = tmp_path_factory.mktemp("limits_encoder")
-    tokenizer = make_tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(root / "checkpoint")
-    tokenizer.save_pretrained(root / "checkpoint")
-    transformer = Transformer(str(root / "checkpoint"), max_seq_length=24)
-    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
-    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(root / "model"))
+    save_tiny_sentence_transformer(root, max_seq_length=24, layers=1)
     config_dir = root / "config"
     config_dir.mkdir()
     (config_dir / "setup_config.json").write_text(

@@ -205,22 +205,25 @@ def run_predict(args: argparse.Namespace) -> int:
     from ts_handlers.tools.client import TorchServeClient, TorchServeError
 
     body, content_type = request_body(args.text, args.file)
-    inputs = args.text
+
+    def answer(client: TorchServeClient, name: str) -> int:
+        return _predict_and_print(
+            client,
+            name,
+            body,
+            content_type,
+            args.text,
+            TorchServeError,
+            explain=args.explain,
+            html=args.html,
+        )
+
     if args.url:
         name = Path(args.archive).stem if args.archive.endswith(".mar") else args.archive
         with TorchServeClient(
             args.url, inference_key=read_inference_key(args.key), timeout=args.timeout
         ) as client:
-            return _predict_and_print(
-                client,
-                name,
-                body,
-                content_type,
-                inputs,
-                TorchServeError,
-                explain=args.explain,
-                html=args.html,
-            )
+            return answer(client, name)
 
     from ts_handlers.tools.server import LocalTorchServe, TorchServeStartError
 
@@ -232,16 +235,7 @@ def run_predict(args: argparse.Namespace) -> int:
             LocalTorchServe(store, [archive]) as server,
             server.client(timeout=args.timeout) as client,
         ):
-            return _predict_and_print(
-                client,
-                Path(archive).stem,
-                body,
-                content_type,
-                inputs,
-                TorchServeError,
-                explain=args.explain,
-                html=args.html,
-            )
+            return answer(client, Path(archive).stem)
     except TorchServeStartError as error:
         print(error, file=sys.stderr)
         return 1
