@@ -367,9 +367,10 @@ class TextHandler(TaskHandler[Any]):
         return self.model(input_ids, attention_mask)
 
 
-# Bytes a KServe answer adds around the answers: the v2 model name, id, version and output
-# tensor descriptions, or the v1 "predictions" key (protocols.py).
-KSERVE_ENVELOPE_BYTES = 1024
+# Bytes a KServe answer adds around the answers: the v2 model name, id (up to 256 characters,
+# 6 bytes each when JSON escapes them), version and output tensor descriptions, or the v1
+# "predictions" key (protocols.py).
+KSERVE_ENVELOPE_BYTES = 4096
 # Characters of the longest number JSON writes for a float ("-2.2250738585072014e-308").
 MAX_FLOAT_CHARS = 24
 
