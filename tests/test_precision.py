@@ -99,8 +99,11 @@ def test_reduced_archive_records_its_figures_and_serves_float32(
     setup: dict,
     kind: str,
 ):
-    # A gate the tiny random model passes: the plumbing is under test here, not its accuracy.
-    monkeypatch.setitem(precision.GATES, (kind, "classifier"), precision.Gate(max_score_diff=0.2))
+    # A gate every model passes (probabilities differ by at most 1): the plumbing is under test
+    # here, not accuracy. The tiny tokenizer's vocabulary order, and so the tiny model's scores,
+    # changes from process to process (tokenizers' trainer breaks ties through a randomly seeded
+    # hash map), and int8 moved a random token batch's scores by 0.02 to 0.22 in runs here.
+    monkeypatch.setitem(precision.GATES, (kind, "classifier"), precision.Gate(max_score_diff=1.0))
     config_dir = write_text_config(
         tmp_path / "reduced",
         tiny_text_checkpoint,
@@ -113,7 +116,7 @@ def test_reduced_archive_records_its_figures_and_serves_float32(
         report = json.loads(archive.read(REPORT_FILE))
     reduced = report["verification"]["precision"]
     assert reduced["calibration"]["inputs"] == 4 * len(TINY_TEXT_CORPUS)
-    assert reduced["calibration"]["max_score_diff"] <= 0.2
+    assert 0.0 < reduced["calibration"]["max_score_diff"] <= 1.0  # measured, and recorded
     assert reduced["cpu"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if kind == "dynamic_int8":
         assert reduced["recipe"]["quantized_layers"] >= 1
