@@ -28,6 +28,7 @@ from ts_handlers.errors import MAX_MESSAGE_CHARS, InvalidInput, PayloadTooLarge,
 from ts_handlers.payload import (
     MAX_DECOMPRESSED_BYTES,
     MAX_JSON_DEPTH,
+    MAX_NUMBER_CHARS,
     Request,
     check_parsed_json,
     json_depth,
@@ -146,7 +147,9 @@ MALFORMED = {
         b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         "nests more than 64",
     ),
-    "100,000-digit integer": (b'{"inputs": ' + b"9" * 100_000 + b"}", "more than 4300 digits"),
+    "100,000-digit integer": (b'{"inputs": ' + b"9" * 100_000 + b"}", "longer than 64 characters"),
+    # Under Python's 4300-digit conversion limit: TorchServe converts it, the handler refuses it.
+    "4,000-digit integer": (b'{"inputs": [' + b"9" * 4000 + b"]}", "longer than 64 characters"),
     "NaN": (b'{"inputs": NaN}', "NaN and Infinity are not JSON"),
     "Infinity": (b'{"inputs": ["a", -Infinity]}', "NaN and Infinity are not JSON"),
     # raw: "too large for a double"; TorchServe turns it into inf first: "NaN and Infinity"
@@ -178,6 +181,17 @@ def test_a_duplicate_key_is_a_400_naming_the_key(text_handler, monkeypatch):
     body = b'{"inputs": "a", "truncate": true, "inputs": "b"}'
     [(status, answer)] = serve(text_handler, [(body, JSON, {})], monkeypatch)
     assert_client_error(status, answer, 400, 'repeats the key "inputs"')
+
+
+def test_number_literals_are_refused_by_length_before_conversion():
+    assert parse_json("[" + "9" * MAX_NUMBER_CHARS + ", -1.5e3]")[1] == -1500.0
+    for literal in ("9" * (MAX_NUMBER_CHARS + 1), "0." + "1" * MAX_NUMBER_CHARS):
+        with pytest.raises(InvalidInput, match=f"longer than {MAX_NUMBER_CHARS} characters"):
+            parse_json(f'{{"shape": [{literal}]}}')
+    # Already parsed by TorchServe: the integer is refused by its width.
+    check_parsed_json([10 ** (MAX_NUMBER_CHARS - 1)])
+    with pytest.raises(InvalidInput, match="longer than"):
+        check_parsed_json({"a": [10**4000]})
 
 
 def test_depth_limit_is_exact():

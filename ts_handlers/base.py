@@ -36,7 +36,13 @@ from ts_handlers.config import (
     explain,
     load_config,
 )
-from ts_handlers.errors import InvalidInput, RequestError, TooManyRequests, error_body
+from ts_handlers.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RequestError,
+    TooManyRequests,
+    error_body,
+)
 from ts_handlers.export import load_artifact
 from ts_handlers.labels import LABELS_FILE, read_labels
 from ts_handlers.metrics import DECODE, ENCODE, FORWARD, BatchMetrics, report
@@ -55,6 +61,9 @@ BATCH_SIZE_HEADER = "X-Batch-Size"
 EXPLANATION_RETRY_AFTER_S = 1
 # Likewise for a prediction past its batch's token budget: the next batch takes it.
 PREDICTION_RETRY_AFTER_S = 1
+# Instances one KServe request may carry for a task that sets no limit of its own (the
+# built-in tasks take max_texts_per_request / max_images_per_request).
+MAX_KSERVE_INSTANCES = 1024
 # Config keys naming files on the build machine: never part of a describe answer.
 PRIVATE_CONFIG_KEYS = ("model_name", "serialized_file", "model_file")
 # An absolute POSIX, home-relative, Windows or file:// path inside a string.
@@ -176,6 +185,16 @@ class TaskHandler(Generic[ConfigT]):
         raise InvalidInput(
             f"{type(self).__name__} does not take KServe v1/v2 bodies; send its own request form"
         )
+
+    def check_instance_count(self, count: int) -> None:
+        """Refuses a KServe request of ``count`` instances (v1 ``instances``, the elements
+        its v2 shape declares) with a 413, before any of them is validated or decoded. A task
+        with its own per-request limit overrides this."""
+        if count > MAX_KSERVE_INSTANCES:
+            raise PayloadTooLarge(
+                f"{count} instances in one request; the limit is {MAX_KSERVE_INSTANCES} "
+                "(base.MAX_KSERVE_INSTANCES)"
+            )
 
     def kserve_outputs(self, outputs: list[Any], decoded: Decoded) -> list[OutputTensor]:
         """This request's answers as Open Inference Protocol output tensors. Default: BYTES

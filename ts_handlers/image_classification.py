@@ -193,13 +193,16 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
         options = self.read_options(request, payload)
         return Decoded(inputs=[self.image_tensor(raw)], options=options)
 
-    def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
+    def check_instance_count(self, count: int) -> None:
         limit = self.config.max_images_per_request
-        if len(values) > limit:
+        if count > limit:
             raise PayloadTooLarge(
-                f"{len(values)} images in one request; the limit is {limit} "
+                f"{count} images in one request; the limit is {limit} "
                 f"({SETUP_CONFIG_FILE} max_images_per_request)"
             )
+
+    def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
+        self.check_instance_count(len(values))
         inputs = []
         for index, raw in enumerate(values):
             try:

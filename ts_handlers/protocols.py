@@ -45,6 +45,15 @@ DEFAULT_OUTPUT = "output-0"
 MAX_ID_CHARS = 256
 # Validation problems listed in one error message; the rest are counted.
 MAX_LISTED_ERRORS = 5
+# Bounds on a body's structure, checked on the parsed JSON before any element is validated or
+# decoded, so the work and the error message stay small whatever a 6.5 MB body holds
+# (docs/limits.md): input tensors (the models take one), requested outputs, request
+# parameters, dimensions of a shape, and the size of one dimension.
+MAX_INPUT_TENSORS = 16
+MAX_OUTPUTS = 16
+MAX_PARAMETERS = 32
+MAX_SHAPE_DIMS = 8
+MAX_DIMENSION = 2**31 - 1
 V1_SHAPE = '{"instances": [...]}'
 V2_SHAPE = (
     '{"inputs": [{"name": "input-0", "shape": [n], "datatype": "BYTES", "data": [...]}], '
@@ -193,6 +202,10 @@ class V1Request(KServeRequest):
     protocol = "KServe v1"
 
     def decode(self, handler: TaskHandler, request: Request) -> Decoded:
+        _check_fields(self.payload, InstancesRequest, "the body", V1_SHAPE)
+        instances = self.payload.get("instances")
+        if isinstance(instances, list):  # counted before any is validated or decoded
+            handler.check_instance_count(len(instances))
         body = _validate(InstancesRequest, self.payload, V1_SHAPE)
         values = [
             _v1_value(item, f"instances[{index}]", handler.kserve_binary)
@@ -223,6 +236,7 @@ class V2Request(KServeRequest):
         self.requested: list[str] | None = None
 
     def decode(self, handler: TaskHandler, request: Request) -> Decoded:
+        _check_v2_structure(self.payload)
         body = _validate(InferRequest, self.payload, V2_SHAPE)
         # KServe answers a request without an id with a fresh one, so a client can match them.
         self.id = body.id if body.id else str(uuid.uuid4())
@@ -235,6 +249,9 @@ class V2Request(KServeRequest):
             )
         tensor = body.inputs[0]
         binary = self._binary(handler, tensor)
+        # The shape's dimensions are bounded (_check_v2_structure), so their product is cheap
+        # and counts the instances before the data is read.
+        handler.check_instance_count(math.prod(tensor.shape))
         values = [
             _v2_value(item, f"{self.FIELD}[{index}]", binary)
             for index, item in enumerate(_elements(tensor))
@@ -304,11 +321,63 @@ def _validate(model: type[_Body], payload: dict[str, Any], shape: str) -> Any:
     try:
         return model.model_validate(payload)
     except ValidationError as error:
-        problems = [_problem(item) for item in error.errors()]
-        listed = "; ".join(problems[:MAX_LISTED_ERRORS])
-        if len(problems) > MAX_LISTED_ERRORS:
-            listed += f"; and {len(problems) - MAX_LISTED_ERRORS} more"
+        # Only the listed problems are formatted; the structure checks before validation keep
+        # their number small anyway.
+        problems = [_problem(item) for item in error.errors()[:MAX_LISTED_ERRORS]]
+        listed = "; ".join(problems)
+        if error.error_count() > MAX_LISTED_ERRORS:
+            listed += f"; and {error.error_count() - MAX_LISTED_ERRORS} more"
         raise InvalidInput(f"{listed}. The body must be {shape}") from None
+
+
+def _check_fields(value: Any, model: type[_Body], where: str, shape: str) -> None:
+    """Unknown keys of one object, refused in one message (the first few and a count) before
+    validation, which would make one error per key."""
+    if not isinstance(value, dict):
+        return  # validation says what was expected
+    unknown = [key for key in value if key not in model.model_fields]
+    if unknown:
+        prefix = "" if where == "the body" else f"{where}."
+        shown = ", ".join(f"{prefix}{preview(key, quote=False)}" for key in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        fields = "field" if len(unknown) == 1 else "fields"
+        raise InvalidInput(f"unknown {fields} {shown}{more}. The body must be {shape}")
+
+
+def _check_length(value: Any, limit: int, what: str, unit: str) -> None:
+    if isinstance(value, list | dict) and len(value) > limit:
+        raise InvalidInput(f"{what} has {len(value)} {unit}; at most {limit} are accepted")
+
+
+def _check_v2_structure(payload: dict[str, Any]) -> None:
+    """Every count of a v2 body, and every shape entry, bounded before validation.
+
+    A body of a few MB can hold millions of list entries; validating them one by one made one
+    error object per entry (gigabytes, and a minute). Each list's length is checked here first,
+    and each shape entry's size, so validation sees a body of bounded size.
+    """
+    _check_fields(payload, InferRequest, "the body", V2_SHAPE)
+    inputs = payload.get("inputs")
+    _check_length(inputs, MAX_INPUT_TENSORS, "inputs", "tensors")
+    _check_length(payload.get("outputs"), MAX_OUTPUTS, "outputs", "entries")
+    _check_length(payload.get("parameters"), MAX_PARAMETERS, "parameters", "entries")
+    outputs = payload.get("outputs")
+    for index, item in enumerate(outputs if isinstance(outputs, list) else ()):
+        _check_fields(item, RequestedOutput, f"outputs[{index}]", V2_SHAPE)
+    for index, tensor in enumerate(inputs if isinstance(inputs, list) else ()):
+        if not isinstance(tensor, dict):
+            continue
+        where = f"inputs[{index}]"
+        _check_fields(tensor, InferInput, where, V2_SHAPE)
+        _check_fields(tensor.get("parameters"), InputParameters, f"{where}.parameters", V2_SHAPE)
+        shape = tensor.get("shape")
+        _check_length(shape, MAX_SHAPE_DIMS, f"{where}.shape", "dimensions")
+        for dim, size in enumerate(shape if isinstance(shape, list) else ()):
+            if isinstance(size, int) and not 0 <= size <= MAX_DIMENSION:
+                raise InvalidInput(
+                    f"{where}.shape[{dim}] is {preview(size)}; a dimension is a whole number "
+                    f"from 0 to {MAX_DIMENSION}"
+                )
 
 
 def _problem(item: Any) -> str:
@@ -329,7 +398,13 @@ def _problem(item: Any) -> str:
 
 
 def _elements(tensor: InferInput) -> list[Any]:
-    """The tensor's elements in row-major order, checked against its shape."""
+    """The tensor's elements in row-major order, checked against its shape.
+
+    Reading stops as soon as the data holds more elements, or more nested lists, than the
+    shape allows, so its cost follows the shape (bounded by the instance limit), not the data.
+    """
+    count = math.prod(tensor.shape)
+    lists = count * len(tensor.shape) + 1  # nested as the shape: fewer lists than this
     flat: list[Any] = []
     stack = [iter(tensor.data)]
     while stack:  # nesting is bounded by the JSON depth limit (payload.MAX_JSON_DEPTH)
@@ -337,10 +412,20 @@ def _elements(tensor: InferInput) -> list[Any]:
         if item is stack:
             stack.pop()
         elif isinstance(item, list):
+            lists -= 1
+            if lists < 0:
+                raise InvalidInput(
+                    f"inputs[0].data nests more lists than inputs[0].shape {tensor.shape} has "
+                    "rows; send it flat or nested as the shape"
+                )
             stack.append(iter(item))
         else:
             flat.append(item)
-    count = math.prod(tensor.shape)
+            if len(flat) > count:
+                raise InvalidInput(
+                    f"inputs[0].shape {tensor.shape} holds {count} elements but inputs[0].data "
+                    "has more"
+                )
     if count != len(flat):
         raise InvalidInput(
             f"inputs[0].shape {tensor.shape} holds {count} elements but inputs[0].data has "

@@ -279,6 +279,9 @@ class TextHandler(TaskHandler[Any]):
             f'"inputs" must be a string or a list of strings, got {type(payload).__name__}'
         )
 
+    def check_instance_count(self, count: int) -> None:
+        self.check_text_count(count)
+
     def check_text_count(self, count: int) -> None:
         limit = self.config.max_texts_per_request
         if count > limit:
