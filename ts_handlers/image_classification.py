@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import io
 import re
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,11 +34,28 @@ from ts_handlers.config import (
 )
 from ts_handlers.errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 from ts_handlers.export import ExportPlan
+from ts_handlers.image_bytes import check_scan_work, check_structure
 from ts_handlers.payload import Request, decode_base64, reject_unknown_fields
 from ts_handlers.protocols import OutputTensor, labels_and_scores
 from ts_handlers.tasks import Task
 
 COLOR_MODES = ("L", "RGB")
+# The formats the docs promise; Pillow opens nothing else (ICO, ICNS, EPS, JPEG 2000, ... get
+# 415 before any decoding: a container's embedded images are never sized by its header).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# What Pillow raises on hostile or broken input, opened or decoded: all of it is the client's.
+PILLOW_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    OverflowError,
+)
 # The bits per sample a raw mode names: "RGBA;16B" -> 16, "F;32F" -> 32.
 _RAW_SAMPLE_BITS = re.compile(r";(\d+)")
 
@@ -102,22 +120,33 @@ def decoded_bytes(image: Image.Image) -> int:
 
 
 def open_image(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
-    """Decodes image bytes, refusing oversized or broken images with a client error."""
+    """Decodes image bytes, refusing oversized or broken images with a client error.
+
+    Only :data:`IMAGE_FORMATS` are opened, and only what the header and the bytes claim is
+    checked before decoding: the segments and scans of the file (image_bytes.py), the size in
+    pixels and in decoded bytes. Only the first frame is ever decoded. Any error Pillow raises
+    is a 4xx.
+    """
+    scans = check_structure(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
         raise UnsupportedMediaType(
-            "the body is not an image Pillow can read; send PNG, JPEG, BMP, GIF, TIFF or WebP "
-            'bytes, a base64 string, or JSON {"data": "<base64>"}'
+            "the body is not an image in a format this model reads; send PNG, JPEG, BMP, GIF, "
+            'TIFF or WebP bytes, a base64 string, or JSON {"data": "<base64>"}'
         ) from None
     except Image.DecompressionBombError as error:
         raise PayloadTooLarge(str(error)) from None
+    except PILLOW_ERRORS as error:
+        raise InvalidInput(f"the image is truncated or corrupt: {_reason(error)}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"the image is {width}x{height} = {width * height} pixels; "
             f"this model accepts at most {max_pixels} ({SETUP_CONFIG_FILE} max_image_pixels)"
         )
+    if image.format in ("JPEG", "MPO"):
+        check_scan_work(scans, width, height, max_pixels)
     size = decoded_bytes(image)
     if max_bytes is not None and size > max_bytes:
         raise PayloadTooLarge(
@@ -126,12 +155,17 @@ def open_image(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Im
             "smaller, or with 8 bits per sample"
         )
     try:
-        image.load()
+        image.load()  # the first frame only: nothing here seeks to another
     except Image.DecompressionBombError as error:
         raise PayloadTooLarge(str(error)) from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidInput(f"the image is truncated or corrupt: {error}") from None
+    except PILLOW_ERRORS as error:
+        raise InvalidInput(f"the image is truncated or corrupt: {_reason(error)}") from None
     return image
+
+
+def _reason(error: BaseException) -> str:
+    """Pillow's own words, cut short (they may quote the file)."""
+    return str(error)[:200] or type(error).__name__
 
 
 def image_to_tensor(image: Image.Image, config: ImageClassificationConfig) -> torch.Tensor:
@@ -213,7 +247,10 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
 
     def image_tensor(self, raw: bytes) -> torch.Tensor:
         image = open_image(raw, self.config.max_image_pixels, self.config.max_image_bytes)
-        return image_to_tensor(image, self.config)
+        try:  # EXIF orientation and mode conversion read the file's metadata too
+            return image_to_tensor(image, self.config)
+        except PILLOW_ERRORS as error:
+            raise InvalidInput(f"the image is truncated or corrupt: {_reason(error)}") from None
 
     @staticmethod
     def _bytes_or_base64(request: Request, raw: bytes | None) -> bytes:
