@@ -1,11 +1,13 @@
 """The config.properties ``ts-handlers kserve`` writes, on a real TorchServe 0.12.
 
-TorchServe starts as KServe's runtime starts it (``--ts-config`` the written file,
-``--model-store`` the written store), from the file as written; only what must differ off a
-cluster is changed, through the ``TS_*`` variables the layout's ``enable_envvars_config`` allows:
-free loopback ports instead of 8085/8082/7070/7071, and the folder's real paths instead of
-/mnt/models. The model loads from ``model_snapshot`` with its archive's batch settings, answers
-without a token (the layout's choice, docs/kserve.md), and /metrics answers in Prometheus form.
+TorchServe starts as KServe's runtime starts it (``--ts-config`` the config, ``--model-store``
+the written store), from the file as written; only what must differ off a cluster is changed,
+in a copy of the file: free loopback ports instead of 8085/8082/7070/7071, and the folder's real
+paths instead of /mnt/models. The layout sets ``enable_envvars_config=false``, so the ``TS_*``
+variables in the server's environment here are ignored (one of them would turn token
+authorization on and another move the API). The model loads from ``model_snapshot`` with its
+archive's batch settings, answers without a token (the layout's choice, docs/kserve.md), and
+/metrics answers in Prometheus form.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import requests
 from serving import DIGITS_HELDOUT, MODEL_STORE, png_bytes, require
 
 from ts_handlers.tools import kserve
-from ts_handlers.tools.server import free_port
+from ts_handlers.tools.server import free_port, properties_text
 
 pytestmark = pytest.mark.integration
 
@@ -41,21 +43,36 @@ def served_layout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     inference = f"http://127.0.0.1:{ports['inference']}"
     metrics = f"http://127.0.0.1:{ports['metrics']}"
     (work / "tmp").mkdir()
+    local = {
+        "inference_address": inference,
+        "management_address": inference,
+        "metrics_address": metrics,
+        "grpc_inference_port": ports["grpc_i"],
+        "grpc_management_port": ports["grpc_m"],
+        "model_store": layout.model_store,
+        "metrics_config": layout.metrics_config,
+    }
+    written = dict(
+        line.split("=", 1) for line in layout.config.read_text(encoding="ascii").splitlines()
+    )
+    assert written["enable_envvars_config"] == "false"
+    config = work / "local.properties"
+    config.write_text(
+        "".join(f"{key}={value}\n" for key, value in written.items() if key not in local)
+        + properties_text(local),
+        encoding="ascii",
+    )
     env = {
         **os.environ,
-        "TS_INFERENCE_ADDRESS": inference,
-        "TS_MANAGEMENT_ADDRESS": inference,
-        "TS_METRICS_ADDRESS": metrics,
-        "TS_GRPC_INFERENCE_PORT": str(ports["grpc_i"]),
-        "TS_GRPC_MANAGEMENT_PORT": str(ports["grpc_m"]),
-        "TS_MODEL_STORE": str(layout.model_store),
-        "TS_METRICS_CONFIG": str(layout.metrics_config),
+        # Ignored: the layout's config does not read TS_* variables.
+        "TS_DISABLE_TOKEN_AUTHORIZATION": "false",
+        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{free_port()}",
         "LOG_LOCATION": str(work / "logs"),
         "METRICS_LOCATION": str(work / "logs"),
         "TMPDIR": str(work / "tmp"),
     }
     command = [sys.executable, "-c", "from ts.model_server import start; start()", "--start"]
-    command += ["--foreground", "--ncs", "--ts-config", str(layout.config)]
+    command += ["--foreground", "--ncs", "--ts-config", str(config)]
     command += ["--model-store", str(layout.model_store)]
     with open(work / "torchserve.out", "wb") as log:
         process = subprocess.Popen(

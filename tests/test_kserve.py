@@ -132,7 +132,9 @@ def test_config_properties_as_kserves_torchserve_runtime_reads_them(tmp_path: Pa
     assert properties["metrics_address"] == "http://0.0.0.0:8082"
     assert properties["metrics_mode"] == "prometheus"
     assert properties["metrics_config"] == "/mnt/models/config/metrics.yaml"
-    assert properties["enable_envvars_config"] == "true"
+    # No TS_* variable (KServe's TS_SERVICE_ENVELOPE, a Service's links) overrides the file.
+    assert properties["enable_envvars_config"] == "false"
+    assert properties["allowed_urls"].startswith("(?-i)file:///mnt/models/model")
     # The wrapper sends no token; the APIs listen on loopback only (docs/kserve.md).
     assert properties["disable_token_authorization"] == "true"
     assert properties["enable_model_api"] == "false"

@@ -76,8 +76,14 @@ def test_sizes_are_set_and_can_be_changed(tmp_path):
 
 
 def allowed(pattern: str, url: str) -> bool:
-    """TorchServe's ArchiveUtils.validateURL: each entry, case-insensitive, whole-string match."""
-    return any(re.fullmatch(entry, url, re.IGNORECASE) for entry in pattern.split(","))
+    """TorchServe's ArchiveUtils.validateURL: each entry, case-insensitive unless it starts
+    with Java's inline ``(?-i)`` (Python has only the scoped form), whole-string match."""
+    matches = []
+    for entry in pattern.split(","):
+        sensitive = entry.startswith("(?-i)")
+        entry = entry.removeprefix("(?-i)")
+        matches.append(re.fullmatch(entry, url, 0 if sensitive else re.IGNORECASE))
+    return any(matches)
 
 
 def test_allowed_urls_admit_only_archives_in_the_model_store(tmp_path):
@@ -94,6 +100,13 @@ def test_allowed_urls_admit_only_archives_in_the_model_store(tmp_path):
         f"file://{store}evil/mnist.mar",
         f"file://{store}/mnist.tar.gz",
         f"s3://bucket{store}/mnist.mar",
+        # Java decodes a file: URL's escapes when it opens it: this is ../x/evil.mar
+        f"file://{store}/%2e%2e%2fx%2fevil.mar",
+        f"file://{store}/%2E%2E%2Fevil.mar",
+        f"file://{store}/mnist%2emar.mar",
+        # another folder on a case-sensitive file system
+        f"FILE://{store.upper()}/mnist.mar",
+        f"file://{store}/MNIST.MAR",
     ):
         assert not allowed(pattern, url), url
     assert written(tmp_path)["allowed_urls"] == pattern  # restricted even with the API off
@@ -108,8 +121,10 @@ def test_special_characters_in_the_store_path_survive(tmp_path):
     assert allowed(properties["allowed_urls"], f"file://{store.resolve().as_posix()}/x.mar")
     parent = store.resolve().parent.as_posix()
     assert not allowed(properties["allowed_urls"], f"file://{parent}/aXb+c (é)\\d/x.mar")
-    with pytest.raises(ValueError, match="comma"):
+    with pytest.raises(ValueError, match="commas"):
         LocalTorchServe(tmp_path / "a,b").write_config(tmp_path, PORTS)
+    with pytest.raises(ValueError, match="%"):
+        LocalTorchServe(tmp_path / "a%2e").write_config(tmp_path, PORTS)
 
 
 def test_caller_overrides_are_written_last(tmp_path):
@@ -170,7 +185,14 @@ def test_java_reads_allowed_urls_as_meant(tmp_path):
     source = tmp_path / "AllowedUrls.java"
     source.write_text(JAVA_CHECK)
     inside = f"file://{store.resolve().as_posix()}/mnist.mar"
-    urls = [inside, inside.upper(), "https://example.com/mnist.mar", inside.replace(".v2", "Xv2")]
+    urls = [
+        inside,
+        inside.upper(),
+        "https://example.com/mnist.mar",
+        inside.replace(".v2", "Xv2"),
+        inside.replace("mnist.mar", "%2e%2e%2fmnist.mar"),
+        inside.replace("mnist.mar", "mnist.MAR"),
+    ]
     result = subprocess.run(
         ["java", str(source), str(config), *urls],
         capture_output=True,
@@ -178,4 +200,16 @@ def test_java_reads_allowed_urls_as_meant(tmp_path):
         timeout=120,
         check=True,
     )
-    assert result.stdout.split() == ["true", "true", "false", "false"]
+    assert result.stdout.split() == ["true", "false", "false", "false", "false", "false"]
+
+
+def test_the_server_inherits_no_ts_variables(tmp_path, monkeypatch):
+    """TS_CONFIG_FILE would replace --ts-config, and TS_<PROPERTY> any written property."""
+    monkeypatch.setenv("TS_CONFIG_FILE", str(tmp_path / "other.properties"))
+    monkeypatch.setenv("TS_DISABLE_TOKEN_AUTHORIZATION", "true")
+    monkeypatch.setenv("KEEP_ME", "1")
+    env = LocalTorchServe(tmp_path, env={"TS_CHOSEN": "yes"}).server_env(tmp_path)
+    assert not [key for key in env if key.startswith("TS_") and key != "TS_CHOSEN"]
+    assert env["TS_CHOSEN"] == "yes"  # the caller's explicit env= is a deliberate choice
+    assert env["KEEP_ME"] == "1"
+    assert env["TMPDIR"] == str(tmp_path / "tmp")

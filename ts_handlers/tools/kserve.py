@@ -38,7 +38,7 @@ from typing import Any
 
 from ts_handlers.config import SETUP_CONFIG_FILE
 from ts_handlers.payload import DEFAULT_MAX_REQUEST_SIZE, DEFAULT_MAX_RESPONSE_SIZE
-from ts_handlers.tools.server import properties_text
+from ts_handlers.tools.server import properties_text, store_urls_pattern
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -215,13 +215,15 @@ def torchserve_properties(archives: Sequence[Archive]) -> dict[str, Any]:
         "grpc_management_address": "127.0.0.1",
         "grpc_inference_port": GRPC_INFERENCE_PORT,
         "grpc_management_port": GRPC_MANAGEMENT_PORT,
-        # KServe's runtime passes settings as TS_* variables (TS_SERVICE_ENVELOPE among them,
-        # empty unless the serviceEnvelope label is set, which our handlers do not want).
-        "enable_envvars_config": "true",
+        # No TS_* variable overrides this file. KServe's runtime sets TS_SERVICE_ENVELOPE (our
+        # handlers want none), and Kubernetes adds <SERVICE>_* variables for the namespace's
+        # services (enableServiceLinks): a Service named "ts" would bring TS_PORT, ... With
+        # envvars on, any TS_<PROPERTY> would replace a hardened setting here.
+        "enable_envvars_config": "false",
         "disable_token_authorization": "true",
         "enable_model_api": "false",
         "model_store": model_store,
-        "allowed_urls": f"file://{re.escape(str(model_store))}/[^/]+\\.mar",
+        "allowed_urls": store_urls_pattern(str(model_store)),
         "max_request_size": DEFAULT_MAX_REQUEST_SIZE,
         "max_response_size": DEFAULT_MAX_RESPONSE_SIZE,
         # The handler parses every body strictly itself (payload.py), KServe's included.

@@ -70,11 +70,25 @@ def model_store_urls(model_store: str | Path) -> str:
     every download: nothing outside the store can be registered.
     """
     store = Path(model_store).resolve().as_posix()
-    if "," in store:
-        raise ValueError(
-            f"the model store path {store!r} has a comma, which allowed_urls splits on"
-        )
-    return f"file://{re.escape(store)}/[^/]+\\.mar"
+    return store_urls_pattern(store)
+
+
+def store_urls_pattern(store: str) -> str:
+    """The ``allowed_urls`` regex for archives directly in the store at POSIX path ``store``.
+
+    Case-sensitive (``(?-i)`` overrides TorchServe's CASE_INSENSITIVE: on a case-sensitive file
+    system ``FILE:///STORE/`` is another folder), and the file name is plain characters only:
+    Java decodes a ``file:`` URL's percent escapes when it opens it, so ``%2e%2e%2f`` in a name
+    that ``[^/]+`` admitted would be ``../`` (tests/test_server_defaults.py, and on a real
+    server integration_tests/test_hostile_bodies.py).
+    """
+    for character in ",%":
+        if character in store:
+            raise ValueError(
+                f"the model store path {store!r} has {character!r}, which allowed_urls cannot "
+                "hold (TorchServe splits the value on commas, and Java decodes % in file: URLs)"
+            )
+    return f"(?-i)file://{re.escape(store)}/[A-Za-z0-9_][A-Za-z0-9_.-]*\\.mar"
 
 
 def properties_text(properties: dict[str, Any]) -> str:
@@ -212,15 +226,7 @@ class LocalTorchServe:
             command += ["--models", *[f"{Path(m).stem}={m}" for m in self.models]]
         private_tmp = self.workdir / "tmp"
         private_tmp.mkdir()
-        env = {
-            **WORKER_ENV,
-            **os.environ,
-            "TMPDIR": str(private_tmp),  # TorchServe's pid file lives in the temp dir
-            "TEMP": str(private_tmp),
-            "LOG_LOCATION": str(self.workdir / "logs"),
-            "METRICS_LOCATION": str(self.workdir / "logs"),
-            **self.env,
-        }
+        env = self.server_env(self.workdir)
         self.log_path = self.workdir / "torchserve.out"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -236,6 +242,26 @@ class LocalTorchServe:
         except BaseException:
             self.stop()
             raise
+
+    def server_env(self, workdir: Path) -> dict[str, str]:
+        """The environment TorchServe starts with: the caller's, less every ``TS_*`` variable.
+
+        TorchServe reads ``TS_CONFIG_FILE`` before ``--ts-config`` (both its launcher and its
+        frontend), and with ``enable_envvars_config`` any ``TS_<PROPERTY>`` overrides the
+        written file, so a variable left in a shell would replace the safe defaults. Only
+        ``env=`` (the caller's deliberate choice) may set them.
+        """
+        inherited = {key: value for key, value in os.environ.items() if not key.startswith("TS_")}
+        private_tmp = workdir / "tmp"
+        return {
+            **WORKER_ENV,
+            **inherited,
+            "TMPDIR": str(private_tmp),  # TorchServe's pid file lives in the temp dir
+            "TEMP": str(private_tmp),
+            "LOG_LOCATION": str(workdir / "logs"),
+            "METRICS_LOCATION": str(workdir / "logs"),
+            **self.env,
+        }
 
     def stop(self) -> None:
         if self.process is not None:
