@@ -8,16 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from harness import (
+    TINY_TEXT_MAX_LENGTH,
+    build_small,
+    load_built,
     load_text_handler,
     make_context,
     make_tiny_bert,
     make_tiny_tokenizer,
     run_batch,
+    save_tiny_sentence_transformer,
     unpack_archive,
     write_text_config,
 )
 
+from ts_handlers.sentence_embedding import SentenceEmbeddingHandler
+from ts_handlers.token_classification import TokenClassificationHandler
 from ts_handlers.tools.build import build_archive
 from ts_handlers.tools.models import SmallCNN
 
@@ -111,3 +118,42 @@ def text_handlers(
         save_mode: load_text_handler(mar_path, tmp_path_factory.mktemp(f"tiny_text_{save_mode}"))
         for save_mode, mar_path in tiny_text_archives.items()
     }
+
+
+@pytest.fixture(scope="session")
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> SentenceEmbeddingHandler:
+    """A tiny BERT, mean pooling and Normalize, saved by sentence-transformers and built."""
+    root = tmp_path_factory.mktemp("kserve_embedding")
+    save_tiny_sentence_transformer(root, max_seq_length=TINY_TEXT_MAX_LENGTH, normalize=True)
+    setup = {"mode": "sentence_embedding", "model_name": str(root / "model")}
+    return load_built(SentenceEmbeddingHandler, build_small(root, setup))
+
+
+@pytest.fixture(scope="session")
+def recogniser(tmp_path_factory: pytest.TempPathFactory) -> TokenClassificationHandler:
+    from transformers import BertConfig, BertForTokenClassification
+
+    root = tmp_path_factory.mktemp("kserve_ner")
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    tokenizer = make_tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=TINY_TEXT_MAX_LENGTH,
+        initializer_range=0.5,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    BertForTokenClassification(config).eval().save_pretrained(root / "checkpoint")
+    tokenizer.save_pretrained(root / "checkpoint")
+    setup = {
+        "mode": "token_classification",
+        "model_name": str(root / "checkpoint"),
+        "max_length": TINY_TEXT_MAX_LENGTH,
+    }
+    return load_built(TokenClassificationHandler, build_small(root, setup))

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from ts.context import Context, RequestProcessor
 
+from ts_handlers.tools.build import build_archive
+
 
 def unpack_archive(mar_path: Path, model_dir: Path) -> dict[str, Any]:
     """Unzips a .mar like TorchServe does and returns its manifest."""
@@ -341,3 +343,23 @@ class UserCNN(nn.Module):
 
 # What the user's model_file holds: the same class, with the imports it needs.
 USER_MODEL_FILE = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(UserCNN)
+
+
+# ---- small archives built in a test ------------------------------------------------------
+
+
+def build_small(root: Path, setup: dict[str, Any]) -> Path:
+    config_dir = root / "config"
+    config_dir.mkdir()
+    (config_dir / "setup_config.json").write_text(json.dumps(setup))
+    (config_dir / "model-config.yaml").write_text("batchSize: 8\nmaxBatchDelay: 5\n")
+    mar_path = build_archive(config_dir, root / "store", name=root.name, force=True)
+    assert mar_path is not None
+    return mar_path
+
+
+def load_built(handler_class: type, mar_path: Path) -> Any:
+    model_dir = mar_path.parent.parent / "unpacked"
+    handler = handler_class()
+    handler.initialize(make_context(model_dir, unpack_archive(mar_path, model_dir)))
+    return handler

@@ -12,28 +12,19 @@ import base64
 import io
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from harness import (
     TINY_TEXT_MAX_LENGTH,
     body_headers,
-    make_context,
-    make_tiny_tokenizer,
     run_batch,
-    save_tiny_sentence_transformer,
-    unpack_archive,
 )
 from PIL import Image
 
 from ts_handlers import protocols
 from ts_handlers.base import BATCH_SIZE_HEADER
-from ts_handlers.sentence_embedding import SentenceEmbeddingHandler
-from ts_handlers.token_classification import TokenClassificationHandler
-from ts_handlers.tools.build import build_archive
 
 JSON = body_headers("application/json")
 TEXTS = ["the movie was great", "i hated every minute", "tea", "service was slow but tasty"]
@@ -375,32 +366,6 @@ def test_explanations_in_v1_and_v2(text_handlers):
 # ---- sentence embeddings -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def embedder(tmp_path_factory: pytest.TempPathFactory) -> SentenceEmbeddingHandler:
-    """A tiny BERT, mean pooling and Normalize, saved by sentence-transformers and built."""
-    root = tmp_path_factory.mktemp("kserve_embedding")
-    save_tiny_sentence_transformer(root, max_seq_length=TINY_TEXT_MAX_LENGTH, normalize=True)
-    setup = {"mode": "sentence_embedding", "model_name": str(root / "model")}
-    return load(SentenceEmbeddingHandler, build(root, setup))
-
-
-def build(root: Path, setup: dict[str, Any]) -> Path:
-    config_dir = root / "config"
-    config_dir.mkdir()
-    (config_dir / "setup_config.json").write_text(json.dumps(setup))
-    (config_dir / "model-config.yaml").write_text("batchSize: 8\nmaxBatchDelay: 5\n")
-    mar_path = build_archive(config_dir, root / "store", name=root.name, force=True)
-    assert mar_path is not None
-    return mar_path
-
-
-def load(handler_class: type, mar_path: Path) -> Any:
-    model_dir = mar_path.parent.parent / "unpacked"
-    handler = handler_class()
-    handler.initialize(make_context(model_dir, unpack_archive(mar_path, model_dir)))
-    return handler
-
-
 def test_embeddings_answer_fp32_with_their_shape(embedder):
     results = run_batch(
         embedder,
@@ -424,36 +389,6 @@ def test_embeddings_answer_fp32_with_their_shape(embedder):
 
 
 # ---- token classification ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def recogniser(tmp_path_factory: pytest.TempPathFactory) -> TokenClassificationHandler:
-    from transformers import BertConfig, BertForTokenClassification
-
-    root = tmp_path_factory.mktemp("kserve_ner")
-    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-    tokenizer = make_tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=TINY_TEXT_MAX_LENGTH,
-        initializer_range=0.5,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    BertForTokenClassification(config).eval().save_pretrained(root / "checkpoint")
-    tokenizer.save_pretrained(root / "checkpoint")
-    setup = {
-        "mode": "token_classification",
-        "model_name": str(root / "checkpoint"),
-        "max_length": TINY_TEXT_MAX_LENGTH,
-    }
-    return load(TokenClassificationHandler, build(root, setup))
 
 
 def test_entities_answer_json_per_text(recogniser):

@@ -321,6 +321,8 @@ class TaskHandler(Generic[ConfigT]):
         """
         payload = None
         if request.looks_like_json() and _opens_json_container(request.body):
+            if isinstance(request.body, dict):  # TorchServe parsed it: recognised before checks
+                self._kserve_error_body(index, request.body)
             payload = request.json()
             kserve = recognise(payload)
             if kserve is not None:
@@ -329,6 +331,11 @@ class TaskHandler(Generic[ConfigT]):
         if isinstance(payload, dict | list) and not isinstance(request.body, dict | list):
             request = replace(request, body=payload)
         return self.decode(request)
+
+    def _kserve_error_body(self, index: int, payload: dict[str, Any]) -> None:
+        kserve = recognise(payload)
+        if kserve is not None:
+            self._kserve[index] = kserve
 
     def _encode(self, outputs: list[Any], item: Decoded) -> Any:
         """The task's answer, wrapped in the request's KServe protocol when it came in one."""
