@@ -376,3 +376,14 @@ def test_a_decompression_bomb_is_a_413():
     with pytest.raises(RequestError) as raised:
         open_image(png_bytes((20_000, 20_000)), 10**9, 10**12)
     assert raised.value.status == 413
+
+
+# ---- options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "1" * 11, "4294967296"])
+def test_a_long_count_in_a_header_or_field_is_refused_before_conversion(classifier, value):
+    header = ({"body": b"the movie was great"}, body_headers("text/plain", **{"X-Top-K": value}))
+    form = ({"data": b"the movie was great", "top_k": value.encode()}, body_headers())
+    for result in run_batch(classifier, [header, form, GOOD_TEXT])[:2]:
+        assert_refused(result, 400, "top_k")

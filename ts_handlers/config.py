@@ -46,14 +46,24 @@ StrTuple = Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)]
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
+# The most digits a per-request count may be written with ("3" in a header or a form field);
+# a longer string is refused before it is converted (int() of n digits costs O(n^2)).
+MAX_OPTION_DIGITS = 10
+
+
 def _not_a_bool(value: Any) -> Any:
     if isinstance(value, bool):  # lax int parsing would read true as 1
         raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, str) and len(value.strip()) > MAX_OPTION_DIGITS:
+        raise PydanticCustomError(
+            "int_parsing_size",
+            f"Input should be a whole number of at most {MAX_OPTION_DIGITS} digits",
+        )
     return value
 
 
 # A per-request count: "3" from a header or a form field reads as 3, true does not.
-OptionInt = Annotated[int, BeforeValidator(_not_a_bool), Field(ge=1)]
+OptionInt = Annotated[int, BeforeValidator(_not_a_bool), Field(ge=1, le=2**31 - 1)]
 
 _BOOL_TEXT = {"true": True, "1": True, "false": False, "0": False}
 
