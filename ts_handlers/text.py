@@ -48,6 +48,15 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "config.json",
 )
+# Files that hold a tokenizer's vocabulary, one of which every served text model needs.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 # Defaults of the per-request limits (docs/limits.md); setup_config.json may change them. Each
 # text costs a share of a forward call however short it is (inference_batch_size per call).
 MAX_TEXTS_PER_REQUEST = 256
@@ -420,15 +429,20 @@ def load_tokenizer(folder: str | Path) -> Any:
 def load_archive_tokenizer(folder: Path) -> Any:
     """The tokenizer inside an archive; one missing (an archive made by hand) fails the load
     with which files to add."""
+    fix = (
+        "the archive holds no tokenizer this handler can read (tokenizer.json, or "
+        "tokenizer_config.json with its vocabulary files): save it with "
+        "tokenizer.save_pretrained(folder) and add the files with torch-model-archiver "
+        "--extra-files"
+    )
+    # transformers 5 builds an empty tokenizer (special tokens only) from a bare config.json,
+    # which would serve every text as unknown tokens: a vocabulary file must be there.
+    if not any((Path(folder) / name).is_file() for name in VOCABULARY_FILES):
+        raise ConfigError(f"{fix} (found none of {', '.join(VOCABULARY_FILES)})")
     try:
         return load_tokenizer(folder)
     except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(
-            "the archive holds no tokenizer this handler can read (tokenizer.json, or "
-            "tokenizer_config.json with its vocabulary files): save it with "
-            "tokenizer.save_pretrained(folder) and add the files with torch-model-archiver "
-            f"--extra-files ({type(error).__name__}: {_first_line(error)})"
-        ) from None
+        raise ConfigError(f"{fix} ({type(error).__name__}: {_first_line(error)})") from None
 
 
 def load_pretrained(auto_class: str, folder: str | Path, max_length: int | None = None) -> Any:

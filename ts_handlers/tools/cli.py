@@ -140,7 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             server.start()
         except TorchServeStartError as error:
-            print(error, file=sys.stderr)
+            print(start_error(error), file=sys.stderr)
             return 1
         assert server.workdir is not None
         key_file = server.workdir / KEY_FILE
@@ -237,8 +237,14 @@ def run_predict(args: argparse.Namespace) -> int:
         ):
             return answer(client, Path(archive).stem)
     except TorchServeStartError as error:
-        print(error, file=sys.stderr)
+        print(start_error(error), file=sys.stderr)
         return 1
+
+
+def start_error(error: Exception) -> str:
+    """A failed start as a person reads it: the logs, then a model's own load error last."""
+    summary = getattr(error, "summary", None)
+    return f"{error}\n\n{summary}" if summary else str(error)
 
 
 def _predict_and_print(
@@ -560,6 +566,20 @@ def run_init(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- handler-file ----------------------------------------------------------------------------
+
+
+def run_handler_file(args: argparse.Namespace) -> int:
+    """Prints the one-line handler file ``torch-model-archiver --handler`` takes for a task."""
+    from ts_handlers.handler_files import handler_file
+
+    try:
+        print(handler_file(args.task))
+    except KeyError as error:
+        raise CommandError(error.args[0]) from None
+    return 0
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 
@@ -630,6 +650,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     kserve.add_argument("--force", action="store_true", help="replace what an earlier run wrote")
     kserve.set_defaults(run=run_kserve)
+
+    handler = commands.add_parser(
+        "handler-file",
+        help="print the handler file for torch-model-archiver --handler",
+        description="Prints the path of a one-line handler file (it imports the task's handle "
+        "from the installed ts_handlers) to pass as torch-model-archiver --handler.",
+    )
+    handler.add_argument("task", help="a task (mode), e.g. sequence_classification")
+    handler.set_defaults(run=run_handler_file)
 
     init = commands.add_parser("init", help="write archiver_configs/<name>/ for a model")
     init.add_argument(

@@ -102,6 +102,22 @@ class TorchServeStartError(RuntimeError):
     pass
 
 
+class ModelLoadError(TorchServeStartError):
+    """Every worker of a model failed to load it: TorchServe would retry in a loop forever."""
+
+    def __init__(self, model: str, reason: str, log_tail: str = "") -> None:
+        self.model = model
+        self.reason = reason
+        self.summary = f"model {model!r} failed to load in every worker: {reason}"
+        super().__init__(f"{self.summary}\n{log_tail}" if log_tail else self.summary)
+
+
+# The worker's line when a handler's initialize raises (ts/model_service_worker.py), as the
+# model log carries it: "W-9000-mnist_1.0-stdout MODEL_LOG - Failed to load model mnist,
+# exception <the handler's message>".
+_LOAD_FAILED = re.compile(r"Failed to load model (\S+), exception (.*)$")
+
+
 class LocalTorchServe:
     def __init__(
         self,
@@ -295,6 +311,28 @@ class LocalTorchServe:
             f"TorchServe was not ready within {self.startup_timeout:.0f}s\n{self.log_tail()}"
         )
 
+    def load_failures(self, model: str) -> list[str]:
+        """The handler's error line of each failed load of ``model`` so far, from the model
+        log (the first line of the exception's message)."""
+        if self.workdir is None:
+            return []
+        path = self.workdir / "logs" / "model_log.log"
+        if not path.is_file():
+            return []
+        failures = []
+        for line in path.read_text(errors="replace").splitlines():
+            match = _LOAD_FAILED.search(line)
+            if match and match.group(1) == model:
+                failures.append(match.group(2).strip())
+        return failures
+
+    def _check_crash_loop(self, model: str, workers: int) -> None:
+        """Raises once every worker of ``model`` has failed its load: with none READY, each
+        failure is retried forever, and waiting out the start-up timeout tells no one why."""
+        failures = self.load_failures(model)
+        if failures and len(failures) >= max(workers, 1):
+            raise ModelLoadError(model, failures[-1], self.log_tail())
+
     def _read_keys(self) -> dict[str, str]:
         assert self.workdir is not None
         path = self.workdir / KEY_FILE
@@ -323,6 +361,7 @@ class LocalTorchServe:
                     return False
                 workers = response.json()[0].get("workers", [])
                 if not any(worker.get("status") == "READY" for worker in workers):
+                    self._check_crash_loop(name, len(workers))
                     return False
         except requests.RequestException:
             return False
