@@ -112,10 +112,17 @@ class ModelLoadError(TorchServeStartError):
         super().__init__(f"{self.summary}\n{log_tail}" if log_tail else self.summary)
 
 
-# The worker's line when a handler's initialize raises (ts/model_service_worker.py), as the
-# model log carries it: "W-9000-mnist_1.0-stdout MODEL_LOG - Failed to load model mnist,
-# exception <the handler's message>".
-_LOAD_FAILED = re.compile(r"Failed to load model (\S+), exception (.*)$")
+# How the model log shows a failed load (ts/model_service_worker.py). Each worker line is tagged
+# "W-<port>-<model>_<version>-stdout MODEL_LOG - ". A handler whose initialize raises ends the
+# worker with "Backend worker process died." and the traceback, whose last line is the
+# exception with the handler's own message; some errors are logged as "Failed to load model
+# <model>, exception <message>" instead.
+_WORKER_LINE = re.compile(r"W-\d+-(?P<model>.+)_[^_\s]+-std(?:out|err) MODEL_LOG - (?P<text>.*)$")
+_DIED = "Backend worker process died."
+_FAILED_TO_LOAD = re.compile(r"^Failed to load model \S+, exception (?P<message>.*)$")
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit)\b:? ?.*$"
+)
 
 
 class LocalTorchServe:
@@ -312,18 +319,28 @@ class LocalTorchServe:
         )
 
     def load_failures(self, model: str) -> list[str]:
-        """The handler's error line of each failed load of ``model`` so far, from the model
-        log (the first line of the exception's message)."""
+        """The handler's error line of each failed load of ``model`` so far, read from the
+        model log: the exception that ended each worker that died during its load."""
         if self.workdir is None:
             return []
         path = self.workdir / "logs" / "model_log.log"
         if not path.is_file():
             return []
-        failures = []
+        failures: list[str] = []
+        dying = False  # inside the traceback of a worker that died
         for line in path.read_text(errors="replace").splitlines():
-            match = _LOAD_FAILED.search(line)
-            if match and match.group(1) == model:
-                failures.append(match.group(2).strip())
+            match = _WORKER_LINE.search(line)
+            if match is None or match.group("model") != model:
+                continue
+            text = match.group("text").strip()
+            failed = _FAILED_TO_LOAD.match(text)
+            if failed:
+                failures.append(failed.group("message"))
+            elif text == _DIED:
+                dying = True
+                failures.append("the worker died while loading the model (see the model log)")
+            elif dying and _EXCEPTION_LINE.match(text):
+                failures[-1] = text  # the traceback's last exception line is the cause
         return failures
 
     def _check_crash_loop(self, model: str, workers: int) -> None:
