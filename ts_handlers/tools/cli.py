@@ -1,6 +1,8 @@
 """``ts-handlers``: build, serve, query and scaffold archives from one command.
 
     ts-handlers init path/to/checkpoint --name reviews      # -> archiver_configs/reviews/
+    ts-handlers init distilbert/distilbert-base-uncased-finetuned-sst-2-english  # a Hub id
+    ts-handlers import old.mar --name reviews                # TorchServe example's archive
     ts-handlers build archiver_configs/reviews              # -> model_store/reviews.mar
     ts-handlers serve reviews.mar                           # until Ctrl-C
     ts-handlers predict reviews --text "a thin plot, carried by its cast"
@@ -534,7 +536,19 @@ def run_init(args: argparse.Namespace) -> int:
     from ts_handlers.tools.build import MODEL_CONFIG_FILE
 
     model_path: Path = args.model
-    name = args.name or (model_path.stem if model_path.is_file() else model_path.resolve().name)
+    hub_model = None
+    from ts_handlers.tools import hub
+
+    if hub.looks_like_hub_id(str(model_path)):
+        # A Hub id: the files come from huggingface_hub's cache (downloaded when online);
+        # model_name keeps the id, and the build records the revision it resolves to.
+        hub_model = hub.resolve(str(model_path))
+        print(f"{hub_model.repo_id}: revision {hub_model.revision} in {hub.cache_dir()}")
+        model_path = hub_model.folder
+    default_name = model_path.stem if model_path.is_file() else model_path.resolve().name
+    if hub_model is not None:
+        default_name = hub_model.repo_id.rsplit("/", 1)[-1]
+    name = args.name or default_name
     if not ARCHIVE_NAME.match(name):
         raise CommandError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
     config_dir = args.configs_root / name
@@ -548,6 +562,8 @@ def run_init(args: argparse.Namespace) -> int:
         mean=args.mean,
         std=args.std,
     )
+    if hub_model is not None:
+        setup["model_name"] = hub_model.repo_id
     if config_dir.exists():
         shutil.rmtree(config_dir)
     config_dir.mkdir(parents=True)
@@ -664,7 +680,8 @@ def make_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "model",
         type=Path,
-        help="a sentence-transformers folder, a Hugging Face classifier folder, a TorchScript .pt",
+        help="a sentence-transformers folder, a Hugging Face classifier folder or Hub id "
+        "(owner/name), a TorchScript .pt",
     )
     init.add_argument("--name", help="config folder and archive name (default: the model's)")
     init.add_argument("--configs-root", type=Path, default=DEFAULT_CONFIGS_ROOT)
