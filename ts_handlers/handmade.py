@@ -110,6 +110,7 @@ class Derived:
             "num_labels": self.num_classes,
             "inputs": list(self.inputs),
             "pad_to_max_length": self.pad_to_max_length,
+            "same_length_batches": self.same_length_batches,
             "load_checks": {**self.checks, "seconds": round(self.seconds, 3)},
         }
 

@@ -134,6 +134,13 @@ class SequenceClassificationHandler(TextHandler):
         model = super().load_model()
         if not self.export_metadata:
             return self.load_handmade(model)
+        inputs = tuple(self.export_metadata.get("inputs") or ())
+        if inputs and inputs != ("input_ids", "attention_mask"):
+            # A graph of a user's imported with its own inputs (ts-handlers import).
+            from ts_handlers.handmade import TextGraph
+
+            self.same_length_batches = bool(self.export_metadata.get("same_length_batches"))
+            return TextGraph(model, inputs)
         return model
 
     def load_handmade(self, graph: Any) -> Any:

@@ -582,6 +582,34 @@ def run_init(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- import ----------------------------------------------------------------------------------
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """An archive made for TorchServe's example handler, rewritten as a verified one of ours."""
+    from ts_handlers.export import ExportError
+    from ts_handlers.tools import importer
+
+    name = args.name or args.archive.stem
+    if not ARCHIVE_NAME.match(name):
+        raise CommandError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    store = args.model_store
+    target = store / f"{name}.mar"
+    if target.resolve() == args.archive.resolve():
+        raise CommandError(f"{target} is the archive being imported; pass --name or --model-store")
+    if target.exists() and not args.force:
+        raise CommandError(f"{target} exists; pass --force to replace it")
+    store.mkdir(parents=True, exist_ok=True)
+    try:
+        report = importer.import_archive(args.archive, store, name)
+    except ExportError as error:
+        raise CommandError(str(error)) from None
+    print(importer.summary(report))
+    print(f"report: {store / (name + '.import.json')}")
+    print(f"next: ts-handlers serve {target}")
+    return 0
+
+
 # ---- handler-file ----------------------------------------------------------------------------
 
 
@@ -666,6 +694,19 @@ def make_parser() -> argparse.ArgumentParser:
     )
     kserve.add_argument("--force", action="store_true", help="replace what an earlier run wrote")
     kserve.set_defaults(run=run_kserve)
+
+    importer = commands.add_parser(
+        "import",
+        help="rewrite an archive made for TorchServe's example handler as a verified one",
+        description="Reads a .mar made for TorchServe's Hugging Face example handler (its "
+        "setup_config.json, serialized model, index_to_name.json and tokenizer files) and "
+        "writes a verified archive served by ts_handlers, with a report of what was checked.",
+    )
+    importer.add_argument("archive", type=Path, help="the old .mar")
+    importer.add_argument("--name", help="the new archive's name (default: the old one's)")
+    importer.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE)
+    importer.add_argument("--force", action="store_true", help="replace an existing archive")
+    importer.set_defaults(run=run_import)
 
     handler = commands.add_parser(
         "handler-file",
