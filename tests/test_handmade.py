@@ -228,3 +228,21 @@ def test_handler_files_name_each_tasks_handle() -> None:
     assert "from ts_handlers.sequence_classification import handle" in text
     with pytest.raises(KeyError, match="tasks with one"):
         handler_file("question_answering")
+
+
+def test_a_vision_graph_made_by_hand_derives_its_class_count_at_load(tmp_path: Path) -> None:
+    from harness import RGB_SETUP, UserCNN
+
+    from ts_handlers.image_classification import ImageClassificationHandler
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    torch.jit.script(UserCNN().eval()).save(str(model_dir / "my_cnn.pt"))
+    (model_dir / "setup_config.json").write_text(json.dumps(RGB_SETUP))
+    manifest = {"model": {"modelName": "cnn", "serializedFile": "my_cnn.pt", "handler": "h.py"}}
+    handler = ImageClassificationHandler()
+    handler.initialize(make_context(model_dir, manifest))
+    assert handler.export_metadata["num_classes"] == 5
+    assert handler.labels == ["0", "1", "2", "3", "4"]  # not the 10 a default would guess
+    assert handler.export_metadata["load_checks"]["passed"]

@@ -74,6 +74,13 @@ class TokenClassificationHandler(TextHandler):
     token_outputs = True
 
     def setup(self) -> None:
+        if not self.export_metadata:
+            raise ConfigError(
+                "the archive's graph carries no ts_handlers.json (it was made by hand): "
+                "TokenClassificationHandler serves graphs exported by ts-handlers build, which "
+                "records the labels and verifies the export; run `ts-handlers init <checkpoint>` "
+                "and `ts-handlers build` (docs/migrating-from-torchserve-examples.md)"
+            )
         super().setup()
         labels = self.labels or self.export_metadata["labels"]
         self.pipeline = pipeline_postprocessing(self.tokenizer, labels)
