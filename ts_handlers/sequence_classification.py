@@ -136,7 +136,7 @@ class SequenceClassificationHandler(TextHandler):
             return self.load_handmade(model)
         inputs = tuple(self.export_metadata.get("inputs") or ())
         if inputs and inputs != ("input_ids", "attention_mask"):
-            # A graph of a user's imported with its own inputs (ts-handlers import).
+            # A user's graph with its own inputs, recorded by ts-handlers import.
             from ts_handlers.handmade import TextGraph
 
             self.same_length_batches = bool(self.export_metadata.get("same_length_batches"))
