@@ -363,3 +363,101 @@ def load_built(handler_class: type, mar_path: Path) -> Any:
     handler = handler_class()
     handler.initialize(make_context(model_dir, unpack_archive(mar_path, model_dir)))
     return handler
+
+
+# ---- an archive made by hand, the way TorchServe's Hugging Face example makes one ----------
+
+# TorchServe's examples/Huggingface_Transformers/setup_config.json, as its users have it:
+# numbers as strings, and switches that mean nothing to ts_handlers.
+TORCHSERVE_EXAMPLE_SETUP = {
+    "model_name": "bert-base-uncased",
+    "mode": "sequence_classification",
+    "do_lower_case": False,
+    "num_labels": "3",
+    "save_mode": "torchscript",
+    "max_length": str(TINY_TEXT_MAX_LENGTH),
+    "captum_explanation": True,
+    "embedding_name": "bert",
+    "FasterTransformer": False,
+    "BetterTransformer": False,
+    "model_parallel": False,
+}
+TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class _Logits1(nn.Module):
+    """transformers 5 returns a tuple under torchscript=True; the example's trace wants logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids)[0]
+
+
+class _Logits2(_Logits1):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+class _Logits3(_Logits1):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )[0]
+
+
+def trace_like_torchserve_example(
+    checkpoint: Path, path: Path, inputs: int = 1, max_length: int = TINY_TEXT_MAX_LENGTH
+) -> Path:
+    """Traces as Download_Transformer_models.py does: ``torchscript=True``, one dummy text
+    padded to ``max_length``, ``torch.jit.trace(model, [input_ids])`` (or with the first
+    ``inputs`` of input_ids, attention_mask, token_type_ids), saved under ``path``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(checkpoint), torchscript=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), config=config)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    encoded = tokenizer(
+        "This is a dummy input for torch jit trace",
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
+        return_token_type_ids=True,
+    )
+    wrapper = (_Logits1, _Logits2, _Logits3)[inputs - 1](model.eval())
+    example = [encoded[name] for name in TEXT_INPUT_NAMES[:inputs]]
+    traced = torch.jit.trace(wrapper, example, strict=False)
+    torch.jit.save(traced, str(path))
+    return path
+
+
+def handmade_model_dir(
+    folder: Path,
+    checkpoint: Path,
+    serialized: Path | None,
+    setup: dict[str, Any],
+    files: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "config.json"),
+) -> tuple[Path, dict[str, Any]]:
+    """(model_dir, manifest) as TorchServe unpacks a torch-model-archiver archive: the
+    serialized file, setup_config.json and the extra files at the root, no ts_handlers.json."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    for name in files:
+        if (checkpoint / name).is_file():
+            shutil.copy(checkpoint / name, folder / name)
+    if serialized is not None:
+        shutil.copy(serialized, folder / serialized.name)
+    (folder / "setup_config.json").write_text(json.dumps(setup))
+    manifest = {
+        "model": {
+            "modelName": "handmade",
+            "handler": "sequence_classification.py",
+            "serializedFile": serialized.name if serialized is not None else "",
+        }
+    }
+    return folder, manifest

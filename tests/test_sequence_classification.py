@@ -689,7 +689,7 @@ def test_an_export_that_fails_even_at_fixed_shape_writes_no_archive(
         ({"top_k": 0}, "top_k must be at least 1"),
         ({"explanation_steps": 0}, "explanation_steps must be at least 1"),
         ({"save_mode": "onnx"}, "save_mode='onnx'.*'torchscript', 'aot_inductor', 'pretrained'"),
-        ({"max_length": "128"}, "max_length must be an integer"),
+        ({"max_length": "128 tokens"}, "max_length must be an integer"),
     ],
 )
 def test_bad_setup_config_fails_at_load_naming_the_key(

@@ -14,6 +14,8 @@ that model reads ``"3"`` as 3 and ``"true"`` as true.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -29,6 +31,24 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 SETUP_CONFIG_FILE = "setup_config.json"
+
+logger = logging.getLogger(__name__)
+
+# Keys of TorchServe's Hugging Face example setup_config.json (examples/Huggingface_Transformers)
+# that have no meaning here, and why; accepted and ignored with one logged line, so that
+# example's file loads as it is. Any other unknown key still fails.
+TORCHSERVE_IGNORED_KEYS = {
+    "FasterTransformer": "NVIDIA FasterTransformer swaps in CUDA-only kernels after loading; "
+    "the served graph is the one the export verified",
+    "BetterTransformer": "optimum's BetterTransformer rewrites the model after loading (and is "
+    "retired: transformers uses fused SDPA attention itself); the served graph is the one the "
+    "export verified",
+    "model_parallel": "the example splits the model over GPUs; a worker here holds the whole "
+    "model, so scale with workers (minWorkers/maxWorkers in model-config.yaml)",
+}
+# Keys that example writes as strings ("num_labels": "2", "max_length": "150"); read as numbers.
+TORCHSERVE_NUMBER_KEYS = ("num_labels", "max_length")
+_DIGITS = re.compile(r"^\s*\d+\s*$")
 
 
 class ConfigError(ValueError):
@@ -118,6 +138,29 @@ class HandlerConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["dynamic_int8"] | None = None
     calibration_file: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _torchserve_example_keys(cls, raw: Any) -> Any:
+        """TorchServe's example file as it is: its numbers-as-text read as numbers, its
+        switches that mean nothing here dropped with one logged line saying why."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for key in TORCHSERVE_NUMBER_KEYS:
+            value = raw.get(key)
+            if key in cls.model_fields and isinstance(value, str) and _DIGITS.match(value):
+                raw[key] = int(value)
+        ignored = [key for key in TORCHSERVE_IGNORED_KEYS if key in raw]
+        if ignored:
+            logger.warning(
+                "%s: ignoring TorchServe example key(s) %s",
+                SETUP_CONFIG_FILE,
+                "; ".join(f"{key} ({TORCHSERVE_IGNORED_KEYS[key]})" for key in ignored),
+            )
+            for key in ignored:
+                del raw[key]
+        return raw
 
     @model_validator(mode="after")
     def _one_reduced_precision(self) -> HandlerConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -282,9 +283,56 @@ def load_artifact(
         export_format = factory()
         if serialized_file == export_format.file_name:
             return export_format.load(model_dir / serialized_file, device)
+    # An archive made by hand (torch-model-archiver --serialized-file traced_model.pt): the
+    # manifest names the file, whatever its name; its contents say which format reads it.
+    return load_serialized_file(model_dir / serialized_file, device)
+
+
+def serialized_format(path: Path) -> str:
+    """The format of a serialized model file by its contents: ``torchscript`` (a zip holding
+    ``code/``), ``aot_inductor`` (a PT2 package), ``state_dict`` (``torch.save`` output or
+    safetensors), or ``unknown``."""
+    if path.suffix == ".safetensors":
+        return "state_dict"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "unknown" if path.suffix not in (".bin", ".pth", ".pt") else "state_dict"
+    if any("/code/" in name for name in names) and any(
+        name.endswith("constants.pkl") for name in names
+    ):
+        return "torchscript"
+    if any("aotinductor" in name for name in names) or any(
+        name.endswith("archive_format") for name in names
+    ):
+        return "aot_inductor"
+    if any(name.endswith("data.pkl") for name in names):
+        return "state_dict"
+    return "unknown"
+
+
+def load_serialized_file(
+    path: Path, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Loads a serialized model of any file name by what it holds; a file no format reads is
+    refused with what to do instead."""
+    if not path.is_file():
+        raise ExportError(f"the archive has no {path.name} (the manifest's serializedFile)")
+    kind = serialized_format(path)
+    if kind in FORMATS:
+        return FORMATS[kind]().load(path, device)
+    if kind == "state_dict":
+        raise ExportError(
+            f"{path.name} holds weights (a state_dict), not a graph: for a Hugging Face "
+            "checkpoint set save_mode 'pretrained' in setup_config.json and add config.json (and "
+            "the tokenizer files) with --extra-files; for another model, build the archive with "
+            "ts-handlers build (serialized_file + model_file + model_class)"
+        )
     raise ExportError(
-        f"no format loads {serialized_file!r}; expected one of "
-        f"{', '.join(factory().file_name for factory in FORMATS.values())}"
+        f"{path.name} is neither a TorchScript file nor an AOTInductor package; save the model "
+        "with torch.jit.trace/script + torch.jit.save, or use save_mode 'pretrained' for a "
+        "Hugging Face checkpoint"
     )
 
 

@@ -194,6 +194,35 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
     def with_defaults(self, options: ImageClassificationOptions) -> Any:
         return options.model_copy(update={"top_k": options.top_k or self.config.top_k})
 
+    def load_model(self) -> Any:
+        model = super().load_model()
+        if not self.export_metadata:
+            self.export_metadata = self.derive_metadata(model)
+        return model
+
+    def derive_metadata(self, model: Any) -> dict[str, Any]:
+        """An archive made by hand (a graph with no ts_handlers.json): the class count from one
+        batch, and the build's check that a batch answers what each image answers alone."""
+        import logging  # here, not at the top: keeps this addition apart from the decode code
+
+        from ts_handlers.export import one_at_a_time, verify
+
+        generator = torch.Generator().manual_seed(0)
+        height, width = self.config.image_size
+        shape = (3, len(self.config.color_mode), height, width)
+        images = torch.randn(shape, generator=generator).to(self.device)
+        num_classes = _num_classes(model, images)
+        report = verify(one_at_a_time(model), model, [(images,)], self.config.verify_atol)
+        if not report.passed:
+            raise ConfigError(
+                "the graph answers a batch of 3 images differently from each image alone: it "
+                "cannot be batched (was its batch size baked in by the trace?)\n" + report.summary()
+            )
+        logging.getLogger(__name__).info(
+            "no ts_handlers.json in the archive (made by hand): %d classes", num_classes
+        )
+        return {"num_classes": num_classes, "load_checks": report.to_dict()}
+
     def setup(self) -> None:
         if self.labels is None:
             self.labels = [

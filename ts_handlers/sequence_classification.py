@@ -39,6 +39,7 @@ from ts_handlers.text import (
     check_tokenizer_fits,
     checkpoint_labels,
     embedding_rows,
+    load_archive_tokenizer,
     load_pretrained,
     load_tokenizer,
     output_width,
@@ -82,7 +83,9 @@ class SequenceClassificationConfig(TextConfig):
     @model_validator(mode="after")
     def _one_text_can_be_explained(self) -> SequenceClassificationConfig:
         worst = max(self.max_length, MIN_EXPLANATION_TOKENS) * self.explanation_steps
-        if self.captum_explanation and worst > self.max_explanation_token_steps:
+        # Only an eager model explains; on a graph, explanation requests get 400 saying so.
+        explains = self.captum_explanation and self.save_mode == "pretrained"
+        if explains and worst > self.max_explanation_token_steps:
             raise ValueError(
                 f"explaining one text of max_length {self.max_length} tokens at "
                 f"explanation_steps {self.explanation_steps} is {worst} token-steps, over "
@@ -128,7 +131,42 @@ class SequenceClassificationHandler(TextHandler):
                 )[1]
             self.export_metadata = checkpoint_metadata(self.eager_model)
             return LogitsOnly(self.eager_model)
-        return super().load_model()
+        model = super().load_model()
+        if not self.export_metadata:
+            return self.load_handmade(model)
+        inputs = tuple(self.export_metadata.get("inputs") or ())
+        if inputs and inputs != ("input_ids", "attention_mask"):
+            # A user's graph with its own inputs, recorded by ts-handlers import.
+            from ts_handlers.handmade import TextGraph
+
+            self.same_length_batches = bool(self.export_metadata.get("same_length_batches"))
+            return TextGraph(model, inputs)
+        return model
+
+    def load_handmade(self, graph: Any) -> Any:
+        """A graph from an archive made by hand (no ts_handlers.json): its inputs, class count
+        and padding policy derived and checked now, as the build would have (handmade.py)."""
+        from ts_handlers.handmade import derive_text_graph
+
+        self.tokenizer = load_archive_tokenizer(self.model_dir)
+        model, derived = derive_text_graph(
+            graph,
+            self.tokenizer,
+            self.config.max_length,
+            pad_to_max_length=self.config.pad_to_max_length,
+            atol=self.config.verify_atol,
+        )
+        checkpoint = _read_json(self.model_dir / "config.json")
+        id2label = checkpoint.get("id2label") or {}
+        self.export_metadata = {
+            **derived.metadata(),
+            "labels": [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(derived.num_classes)],
+            "problem_type": checkpoint.get("problem_type"),
+        }
+        if derived.pad_to_max_length != self.config.pad_to_max_length:
+            self.config = self.config.replace(pad_to_max_length=derived.pad_to_max_length)
+        self.same_length_batches = derived.same_length_batches
+        return model
 
     def embedding_rows(self) -> int | None:
         if self.config.save_mode == "pretrained":
@@ -143,6 +181,11 @@ class SequenceClassificationHandler(TextHandler):
         super().setup()
         metadata = self.export_metadata
         num_classes = int(self.num_classes())
+        if self.config.num_labels is not None and self.config.num_labels != num_classes:
+            raise ConfigError(
+                f"{SETUP_CONFIG_FILE} num_labels is {self.config.num_labels} but the model "
+                f"outputs {num_classes} classes; correct num_labels or leave it out"
+            )
         if self.labels is None:
             self.labels = metadata.get("labels") or [f"LABEL_{i}" for i in range(num_classes)]
         check_label_count(self.labels, num_classes, "the archive's labels")

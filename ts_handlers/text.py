@@ -48,6 +48,15 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "config.json",
 )
+# Files that hold a tokenizer's vocabulary, one of which every served text model needs.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 # Defaults of the per-request limits (docs/limits.md); setup_config.json may change them. Each
 # text costs a share of a forward call however short it is (inference_batch_size per call).
 MAX_TEXTS_PER_REQUEST = 256
@@ -140,8 +149,13 @@ class TextHandler(TaskHandler[Any]):
     # rows to its own tokens.
     token_outputs: ClassVar[bool] = False
 
+    # True for a graph with no attention_mask input (an archive made by hand): texts are
+    # batched only with texts of their own length, so no padding reaches it (handmade.py).
+    same_length_batches = False
+
     def setup(self) -> None:
-        self.tokenizer = load_tokenizer(self.model_dir)
+        if getattr(self, "tokenizer", None) is None:  # a hand-made archive loads it earlier
+            self.tokenizer = load_archive_tokenizer(self.model_dir)
         check_tokenizer_fits(self.tokenizer, self.embedding_rows(), str(self.model_dir))
 
     def embedding_rows(self) -> int | None:
@@ -346,9 +360,7 @@ class TextHandler(TaskHandler[Any]):
         """Sorted by length and padded per group; outputs come back in the original order."""
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].input_ids))
         outputs: list[Any] = [None] * len(inputs)
-        size = self.config.inference_batch_size
-        for start in range(0, len(order), size):
-            group = order[start : start + size]
+        for group in self.batch_groups(order, inputs):
             input_ids, attention_mask = self.collate([inputs[i] for i in group])
             # Tokens per batch: the texts' own, and the positions the model runs (padding too).
             self.batch_metrics.tokens += sum(len(inputs[i].input_ids) for i in group)
@@ -360,6 +372,21 @@ class TextHandler(TaskHandler[Any]):
                     row = row[: len(inputs[index].input_ids)]
                 outputs[index] = row.cpu()
         return outputs
+
+    def batch_groups(self, order: list[int], inputs: list[Tokenized]) -> list[list[int]]:
+        """``order`` (sorted by length) cut into forward calls of ``inference_batch_size``;
+        with ``same_length_batches``, also wherever the length changes."""
+        size = self.config.inference_batch_size
+        groups: list[list[int]] = []
+        for index in order:
+            fits = bool(groups) and len(groups[-1]) < size
+            if fits and self.same_length_batches:
+                fits = len(inputs[groups[-1][0]].input_ids) == len(inputs[index].input_ids)
+            if fits:
+                groups[-1].append(index)
+            else:
+                groups.append([index])
+        return groups
 
     def collate(self, items: Sequence[Tokenized]) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.config.max_length if self.config.pad_to_max_length else None
@@ -400,6 +427,25 @@ def load_tokenizer(folder: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_archive_tokenizer(folder: Path) -> Any:
+    """The tokenizer inside an archive; one missing (an archive made by hand) fails the load
+    with which files to add."""
+    fix = (
+        "the archive holds no tokenizer this handler can read (tokenizer.json, or "
+        "tokenizer_config.json with its vocabulary files): save it with "
+        "tokenizer.save_pretrained(folder) and add the files with torch-model-archiver "
+        "--extra-files"
+    )
+    # transformers 5 builds an empty tokenizer (special tokens only) from a bare config.json,
+    # which would serve every text as unknown tokens: a vocabulary file must be there.
+    if not any((Path(folder) / name).is_file() for name in VOCABULARY_FILES):
+        raise ConfigError(f"{fix} (found none of {', '.join(VOCABULARY_FILES)})")
+    try:
+        return load_tokenizer(folder)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(f"{fix} ({type(error).__name__}: {_first_line(error)})") from None
 
 
 def load_pretrained(auto_class: str, folder: str | Path, max_length: int | None = None) -> Any:

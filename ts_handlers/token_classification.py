@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import ConfigError, StrTuple
+from ts_handlers.config import ConfigError, PositiveInt, StrTuple
 from ts_handlers.export import ExportPlan
 from ts_handlers.protocols import OutputTensor, json_per_input
 from ts_handlers.tasks import Task
@@ -48,6 +48,8 @@ class TokenClassificationConfig(TextConfig):
     save_mode: Literal["torchscript", "aot_inductor"] = "torchscript"
     aggregation_strategy: Strategy = "simple"  # the default; a request may choose another
     ignore_labels: StrTuple = ("O",)  # labels never answered, as the pipeline's
+    # TorchServe's example key: when given, the model's label count must equal it.
+    num_labels: PositiveInt | None = None
 
 
 class TokenClassificationOptions(TextOptions):
@@ -74,8 +76,20 @@ class TokenClassificationHandler(TextHandler):
     token_outputs = True
 
     def setup(self) -> None:
+        if not self.export_metadata:
+            raise ConfigError(
+                "the archive's graph carries no ts_handlers.json (it was made by hand): "
+                "TokenClassificationHandler serves graphs exported by ts-handlers build, which "
+                "records the labels and verifies the export; run `ts-handlers init <checkpoint>` "
+                "and `ts-handlers build` (docs/migrating-from-torchserve-examples.md)"
+            )
         super().setup()
         labels = self.labels or self.export_metadata["labels"]
+        if self.config.num_labels is not None and self.config.num_labels != len(labels):
+            raise ConfigError(
+                f"num_labels is {self.config.num_labels} but the model has {len(labels)} "
+                "labels; correct num_labels or leave it out"
+            )
         self.pipeline = pipeline_postprocessing(self.tokenizer, labels)
 
     def with_defaults(self, options: TokenClassificationOptions) -> Any:

@@ -63,7 +63,8 @@ def build_archive(
     name = name or config_dir.name
     task, config = load_task_config(config_dir / SETUP_CONFIG_FILE)
     # The archive keeps the config as written; the export reads the files it names.
-    export_config = resolve_paths(config, config_dir)
+    export_config, hub_model = resolve_hub_model(config, config_dir)
+    export_config = resolve_paths(export_config, config_dir)
     mar_path = model_store / f"{name}.mar"
     if not force and _up_to_date(mar_path, config_dir, export_config):
         print(f"[{name}] up to date: {mar_path}")
@@ -81,6 +82,8 @@ def build_archive(
         files = staging / "files"
         files.mkdir()
         report: dict[str, Any] = {"name": name, "mode": task.mode, "save_mode": config.save_mode}
+        if hub_model is not None:
+            report["model_source"] = hub_model.report()
         serialized = None
         if config.save_mode != "pretrained":
             print(f"[{name}] exporting ({config.save_mode}) and verifying", flush=True)
@@ -111,6 +114,18 @@ def build_archive(
     size_mb = mar_path.stat().st_size / 1e6
     print(f"[{name}] wrote {mar_path} ({size_mb:.1f} MB) in {time.perf_counter() - started:.1f}s")
     return mar_path
+
+
+def resolve_hub_model(config: HandlerConfig, config_dir: Path) -> tuple[HandlerConfig, Any]:
+    """A ``model_name`` that is a Hugging Face Hub id, resolved to its cached snapshot folder
+    (tools/hub.py); (the config, the HubModel or None)."""
+    from ts_handlers.tools import hub
+
+    if not hub.looks_like_hub_id(config.model_name, config_dir):
+        return config, None
+    hub_model = hub.resolve(config.model_name)
+    print(f"model_name {hub_model.repo_id}: revision {hub_model.revision}", flush=True)
+    return config.replace(model_name=str(hub_model.folder)), hub_model
 
 
 def resolve_paths(config: HandlerConfig, config_dir: Path) -> HandlerConfig:

@@ -1,6 +1,8 @@
 """``ts-handlers``: build, serve, query and scaffold archives from one command.
 
     ts-handlers init path/to/checkpoint --name reviews      # -> archiver_configs/reviews/
+    ts-handlers init distilbert/distilbert-base-uncased-finetuned-sst-2-english  # a Hub id
+    ts-handlers import old.mar --name reviews                # TorchServe example's archive
     ts-handlers build archiver_configs/reviews              # -> model_store/reviews.mar
     ts-handlers serve reviews.mar                           # until Ctrl-C
     ts-handlers predict reviews --text "a thin plot, carried by its cast"
@@ -140,7 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             server.start()
         except TorchServeStartError as error:
-            print(error, file=sys.stderr)
+            print(start_error(error), file=sys.stderr)
             return 1
         assert server.workdir is not None
         key_file = server.workdir / KEY_FILE
@@ -237,8 +239,14 @@ def run_predict(args: argparse.Namespace) -> int:
         ):
             return answer(client, Path(archive).stem)
     except TorchServeStartError as error:
-        print(error, file=sys.stderr)
+        print(start_error(error), file=sys.stderr)
         return 1
+
+
+def start_error(error: Exception) -> str:
+    """A failed start as a person reads it: the logs, then a model's own load error last."""
+    summary = getattr(error, "summary", None)
+    return f"{error}\n\n{summary}" if summary else str(error)
 
 
 def _predict_and_print(
@@ -528,7 +536,19 @@ def run_init(args: argparse.Namespace) -> int:
     from ts_handlers.tools.build import MODEL_CONFIG_FILE
 
     model_path: Path = args.model
-    name = args.name or (model_path.stem if model_path.is_file() else model_path.resolve().name)
+    hub_model = None
+    from ts_handlers.tools import hub
+
+    if hub.looks_like_hub_id(str(model_path)):
+        # A Hub id: the files come from huggingface_hub's cache (downloaded when online);
+        # model_name keeps the id, and the build records the revision it resolves to.
+        hub_model = hub.resolve(str(model_path))
+        print(f"{hub_model.repo_id}: revision {hub_model.revision} in {hub.cache_dir()}")
+        model_path = hub_model.folder
+    default_name = model_path.stem if model_path.is_file() else model_path.resolve().name
+    if hub_model is not None:
+        default_name = hub_model.repo_id.rsplit("/", 1)[-1]
+    name = args.name or default_name
     if not ARCHIVE_NAME.match(name):
         raise CommandError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
     config_dir = args.configs_root / name
@@ -542,6 +562,8 @@ def run_init(args: argparse.Namespace) -> int:
         mean=args.mean,
         std=args.std,
     )
+    if hub_model is not None:
+        setup["model_name"] = hub_model.repo_id
     if config_dir.exists():
         shutil.rmtree(config_dir)
     config_dir.mkdir(parents=True)
@@ -557,6 +579,48 @@ def run_init(args: argparse.Namespace) -> int:
     written = ", ".join(sorted(path.name for path in config_dir.iterdir()))
     print(f"wrote {config_dir}/ ({written}) for task {task.mode}")
     print(f"next: ts-handlers build {config_dir}")
+    return 0
+
+
+# ---- import ----------------------------------------------------------------------------------
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """An archive made for TorchServe's example handler, rewritten as a verified one of ours."""
+    from ts_handlers.export import ExportError
+    from ts_handlers.tools import importer
+
+    name = args.name or args.archive.stem
+    if not ARCHIVE_NAME.match(name):
+        raise CommandError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    store = args.model_store
+    target = store / f"{name}.mar"
+    if target.resolve() == args.archive.resolve():
+        raise CommandError(f"{target} is the archive being imported; pass --name or --model-store")
+    if target.exists() and not args.force:
+        raise CommandError(f"{target} exists; pass --force to replace it")
+    store.mkdir(parents=True, exist_ok=True)
+    try:
+        report = importer.import_archive(args.archive, store, name)
+    except ExportError as error:
+        raise CommandError(str(error)) from None
+    print(importer.summary(report))
+    print(f"report: {store / (name + '.import.json')}")
+    print(f"next: ts-handlers serve {target}")
+    return 0
+
+
+# ---- handler-file ----------------------------------------------------------------------------
+
+
+def run_handler_file(args: argparse.Namespace) -> int:
+    """Prints the one-line handler file ``torch-model-archiver --handler`` takes for a task."""
+    from ts_handlers.handler_files import handler_file
+
+    try:
+        print(handler_file(args.task))
+    except KeyError as error:
+        raise CommandError(error.args[0]) from None
     return 0
 
 
@@ -631,11 +695,34 @@ def make_parser() -> argparse.ArgumentParser:
     kserve.add_argument("--force", action="store_true", help="replace what an earlier run wrote")
     kserve.set_defaults(run=run_kserve)
 
+    importer = commands.add_parser(
+        "import",
+        help="rewrite an archive made for TorchServe's example handler as a verified one",
+        description="Reads a .mar made for TorchServe's Hugging Face example handler (its "
+        "setup_config.json, serialized model, index_to_name.json and tokenizer files) and "
+        "writes a verified archive served by ts_handlers, with a report of what was checked.",
+    )
+    importer.add_argument("archive", type=Path, help="the old .mar")
+    importer.add_argument("--name", help="the new archive's name (default: the old one's)")
+    importer.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE)
+    importer.add_argument("--force", action="store_true", help="replace an existing archive")
+    importer.set_defaults(run=run_import)
+
+    handler = commands.add_parser(
+        "handler-file",
+        help="print the handler file for torch-model-archiver --handler",
+        description="Prints the path of a one-line handler file (it imports the task's handle "
+        "from the installed ts_handlers) to pass as torch-model-archiver --handler.",
+    )
+    handler.add_argument("task", help="a task (mode), e.g. sequence_classification")
+    handler.set_defaults(run=run_handler_file)
+
     init = commands.add_parser("init", help="write archiver_configs/<name>/ for a model")
     init.add_argument(
         "model",
         type=Path,
-        help="a sentence-transformers folder, a Hugging Face classifier folder, a TorchScript .pt",
+        help="a sentence-transformers folder, a Hugging Face classifier folder or Hub id "
+        "(owner/name), a TorchScript .pt",
     )
     init.add_argument("--name", help="config folder and archive name (default: the model's)")
     init.add_argument("--configs-root", type=Path, default=DEFAULT_CONFIGS_ROOT)

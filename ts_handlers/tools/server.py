@@ -116,6 +116,29 @@ class TorchServeStartError(RuntimeError):
     pass
 
 
+class ModelLoadError(TorchServeStartError):
+    """Every worker of a model failed to load it: TorchServe would retry in a loop forever."""
+
+    def __init__(self, model: str, reason: str, log_tail: str = "") -> None:
+        self.model = model
+        self.reason = reason
+        self.summary = f"model {model!r} failed to load in every worker: {reason}"
+        super().__init__(f"{self.summary}\n{log_tail}" if log_tail else self.summary)
+
+
+# How the model log shows a failed load (ts/model_service_worker.py). Each worker line is tagged
+# "W-<port>-<model>_<version>-stdout MODEL_LOG - ". A handler whose initialize raises ends the
+# worker with "Backend worker process died." and the traceback, whose last line is the
+# exception with the handler's own message; some errors are logged as "Failed to load model
+# <model>, exception <message>" instead.
+_WORKER_LINE = re.compile(r"W-\d+-(?P<model>.+)_[^_\s]+-std(?:out|err) MODEL_LOG - (?P<text>.*)$")
+_DIED = "Backend worker process died."
+_FAILED_TO_LOAD = re.compile(r"^Failed to load model \S+, exception (?P<message>.*)$")
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit)\b:? ?.*$"
+)
+
+
 class LocalTorchServe:
     def __init__(
         self,
@@ -321,6 +344,38 @@ class LocalTorchServe:
             f"TorchServe was not ready within {self.startup_timeout:.0f}s\n{self.log_tail()}"
         )
 
+    def load_failures(self, model: str) -> list[str]:
+        """The handler's error line of each failed load of ``model`` so far, read from the
+        model log: the exception that ended each worker that died during its load."""
+        if self.workdir is None:
+            return []
+        path = self.workdir / "logs" / "model_log.log"
+        if not path.is_file():
+            return []
+        failures: list[str] = []
+        dying = False  # inside the traceback of a worker that died
+        for line in path.read_text(errors="replace").splitlines():
+            match = _WORKER_LINE.search(line)
+            if match is None or match.group("model") != model:
+                continue
+            text = match.group("text").strip()
+            failed = _FAILED_TO_LOAD.match(text)
+            if failed:
+                failures.append(failed.group("message"))
+            elif text == _DIED:
+                dying = True
+                failures.append("the worker died while loading the model (see the model log)")
+            elif dying and _EXCEPTION_LINE.match(text):
+                failures[-1] = text  # the traceback's last exception line is the cause
+        return failures
+
+    def _check_crash_loop(self, model: str, workers: int) -> None:
+        """Raises once every worker of ``model`` has failed its load: with none READY, each
+        failure is retried forever, and waiting out the start-up timeout tells no one why."""
+        failures = self.load_failures(model)
+        if failures and len(failures) >= max(workers, 1):
+            raise ModelLoadError(model, failures[-1], self.log_tail())
+
     def _read_keys(self) -> dict[str, str]:
         assert self.workdir is not None
         path = self.workdir / KEY_FILE
@@ -349,6 +404,7 @@ class LocalTorchServe:
                     return False
                 workers = response.json()[0].get("workers", [])
                 if not any(worker.get("status") == "READY" for worker in workers):
+                    self._check_crash_loop(name, len(workers))
                     return False
         except requests.RequestException:
             return False

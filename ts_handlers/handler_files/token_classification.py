@@ -1,0 +1,3 @@
+"""A torch-model-archiver --handler file: TorchServe calls the installed ts_handlers' handle."""
+
+from ts_handlers.token_classification import handle  # noqa: F401
