@@ -241,6 +241,8 @@ def quantize_int8(
     gate = precision.gate_for(config, plan.output_kind)
     expected = precision.rows_compared(plan, plan.model, plan.calibration_inputs)
     ranking, impact = rank_layers(model_bytes, layers, plan)
+    worst = ", ".join(f"{layers[name]} {impact[name]:.2e}" for name in ranking[:3])
+    print(f"dynamic_int8 (onnx): {len(layers)} layers ranked by own int8 error; worst: {worst}")
 
     with tempfile.TemporaryDirectory(prefix="ts-handlers-onnx-int8-") as folder:
         source = Path(folder) / "float32.onnx"
@@ -265,7 +267,13 @@ def quantize_int8(
                 quantized = target.read_bytes()
                 model = ONNXModel(session_from_bytes(quantized, settings))
                 actual = precision.rows_compared(plan, model, plan.calibration_inputs)
-                tried[count] = quantized, precision.compare(expected, actual, plan.output_kind)
+                figures = precision.compare(expected, actual, plan.output_kind)
+                tried[count] = quantized, figures
+                failures = gate.failures(figures)
+                print(
+                    f"  {count} layers kept in float32: "
+                    + (f"FAILED: {'; '.join(failures)}" if failures else "passes the gate")
+                )
             return tried[count]
 
         count = _fewest_kept(len(layers), lambda n: not gate.failures(keeping(n)[1]))
