@@ -10,7 +10,12 @@ accept the same shapes, and the build verifies both the same way.
 
 ``quantization: "dynamic_int8"`` quantizes the graph with ONNX Runtime's ``quantize_dynamic``
 (int8 weights per output channel; activations uint8 per tensor, quantized at run time), behind
-the same accuracy gates as every reduced precision (precision.py). Which layers stay float32 is
+the same accuracy gates as every reduced precision (precision.py). One scale per activation
+tensor is what BERT-style models' few outlier channels ruin (naive, MiniLM loses a sixth of its
+nearest neighbours), so the graph that is quantized is exported from a smoothed copy of the
+model first (SmoothQuant, as precision.py's recipe: each Linear's input divided per channel by
+its calibration range to the power alpha, the weights multiplied by the same, float32 answers
+unchanged). Which layers stay float32 is
 chosen as precision.py chooses them: rank the layers by the accuracy they cost, keep the
 worst in float32 until the gate passes. The ranking is one float32 pass over the calibration
 set that measures, for every Linear layer (a MatMul with a constant weight), how far ONNX
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.export import Dim
 
 from ts_handlers import precision
@@ -49,9 +55,13 @@ EXPORT_HINT = (
 # ("reduce_range") cannot. The archive may be served on either kind of CPU, and its answers
 # must be the ones the gate measured, so weights are 7-bit everywhere.
 REDUCE_RANGE = True
+# SmoothQuant's migration strength: 0.7, the value the torch int8 recipe measured best on MiniLM
+# (docs/performance.md); kept here so the two recipes can move apart.
+SMOOTHING_ALPHA = 0.7
 INT8_METHOD = (
-    "ONNX Runtime quantize_dynamic: int8 weights per output channel (7-bit, reduce_range), "
-    "uint8 activations per tensor at run time (MatMulInteger on MLAS)"
+    f"SmoothQuant (alpha {SMOOTHING_ALPHA:g}), then ONNX Runtime quantize_dynamic: int8 weights "
+    "per output channel (7-bit, reduce_range), uint8 activations per tensor at run time "
+    "(MatMulInteger on MLAS)"
 )
 
 
@@ -221,10 +231,64 @@ def _uint8_activations(x: torch.Tensor) -> torch.Tensor:
     return ((x / scale).round() + zero_point).clamp(0, 255).sub(zero_point) * scale
 
 
+class SmoothedLinear(nn.Module):
+    """``linear`` on ``x / s`` with weights ``W * s``: the same answer in float32, and an input
+    whose channels have comparable ranges, so one int8 scale per tensor fits all of them."""
+
+    def __init__(self, linear: nn.Linear, input_absmax: torch.Tensor, alpha: float) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        smooth = input_absmax.clamp(min=1e-5) ** alpha
+        smooth = (smooth / weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)).clamp(1e-5)
+        self.register_buffer("inverse_smooth", 1.0 / smooth)
+        self.weight = nn.Parameter(weight * smooth, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x * self.inverse_smooth, self.weight, self.bias)
+
+
+def smoothed(model: nn.Module, plan: ExportPlan, alpha: float) -> nn.Module:
+    """A copy of ``model`` with every Linear that runs on the calibration set smoothed."""
+    import copy
+
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    absmax: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float()
+            largest = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
+            absmax[name] = torch.maximum(absmax[name], largest) if name in absmax else largest
+
+        return hook
+
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in linears
+    ]
+    try:
+        with torch.inference_mode():
+            for inputs in plan.calibration_inputs:
+                model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    copied = copy.deepcopy(model).eval()
+    for name in linears:
+        if name not in absmax:  # never runs (BERT's pooler, say): nothing to smooth
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = copied.get_submodule(parent_name) if parent_name else copied
+        setattr(parent, child, SmoothedLinear(getattr(parent, child), absmax[name], alpha))
+    return copied
+
+
 def quantize_int8(
     model_bytes: bytes, plan: ExportPlan, config: Any, settings: OnnxRuntimeConfig
 ) -> tuple[bytes, dict[str, Any]]:
-    """The graph with every Linear int8 but those the accuracy gate needs in float32."""
+    """The graph with every Linear int8 but those the accuracy gate needs in float32.
+
+    ``model_bytes`` is the export of :func:`smoothed` model for an int8 archive."""
     if not plan.calibration_inputs:
         raise ConfigError(
             "dynamic_int8 needs calibration_file: real inputs the accuracy gates run on "

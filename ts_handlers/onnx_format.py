@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ts_handlers.config import OnnxRuntimeConfig
+from ts_handlers.config import ConfigError, OnnxRuntimeConfig
 from ts_handlers.export import METADATA_FILE, ExportError, ExportFormat, ExportPlan
 
 if TYPE_CHECKING:
@@ -145,8 +145,14 @@ class ONNXFormat(ExportFormat):
                 "save_mode 'onnx' reduces precision only with quantization 'dynamic_int8' "
                 f"(ONNX Runtime's own); got dtype {config.dtype!r}"
             )
+        if not plan.calibration_inputs:
+            raise ConfigError(
+                "dynamic_int8 needs calibration_file: real inputs the accuracy gates run on "
+                "(text: one per line; images: a folder of image files)"
+            )
+        smoothed = onnx_export.smoothed(model, plan, onnx_export.SMOOTHING_ALPHA)
         model_bytes, report = onnx_export.quantize_int8(
-            onnx_export.export_onnx(model, plan), plan, config, self.settings
+            onnx_export.export_onnx(smoothed, plan), plan, config, self.settings
         )
         return ONNXModel(session_from_bytes(model_bytes, self.settings), model_bytes), report
 
