@@ -9,15 +9,21 @@ request, at each concurrency, with a short (about 10 tokens) and a long (about 1
 sentence:
 
 - ours: ``minilm.mar`` (float32), ``minilm_bf16.mar`` and ``minilm_int8.mar`` on TorchServe,
-  and the same three compiled by AOTInductor (``minilm_aoti*.mar``);
+  the same three compiled by AOTInductor (``minilm_aoti*.mar``), and the ONNX Runtime
+  archives, float32 and int8 (``minilm_onnx.mar``, ``minilm_onnx_int8.mar``);
 - LitServe: ``SentenceTransformer.encode`` inside, dynamic batching (16, 5 ms), float32 and
   bfloat16;
 - Infinity: its torch engine, batch 16, float32, bfloat16 and int8.
 
 The peers run from their own environment (``.venv-peers``, scripts/setup_peers.sh), so their
-pins never touch ours. The no-server ceiling, ``encode`` in this process at batch 16 (float32
-and bfloat16), is measured in the same run. The table gives req/s, p50 and p99, and each of our
-archives' ratio to ``encode`` and to the best peer at the same precision; the results are
+pins never touch ours. The no-server ceilings are measured in the same run, in this process at
+batch 16, tokenizing included: ``encode`` (float32 and bfloat16), and the anchor, **ONNX
+Runtime** running the ``torch.onnx`` graph of the same checkpoint (the ``model.onnx`` inside
+``minilm_onnx.mar``) with its full graph optimisations, in float32 and in int8 as a user
+would quantize it (``quantize_dynamic``, per channel, every MatMul). The CPU's instruction sets
+are printed first; the table gives req/s, p50 and p99, every system's ratio to ONNX Runtime
+float32 in-process, and each of our archives' ratio to ``encode`` and to the best peer at the
+same precision; the results are
 written to ``benchmarks/results/peers.json`` and drawn in ``benchmarks/results/peers.png``. Each
 server's answers for ``datasets/calibration.txt`` are also compared with float32 ``encode``
 (min cosine, nearest-neighbour agreement: the build's gate figures), so a peer's speed is shown
@@ -66,6 +72,9 @@ ARCHIVES = {
     "ours-aoti-fp32": ("minilm_aoti", "float32"),
     "ours-aoti-bf16": ("minilm_aoti_bf16", "bfloat16"),
     "ours-aoti-int8": ("minilm_aoti_int8", "int8"),
+    # torch.onnx's graph run by ONNX Runtime inside our handler.
+    "ours-onnx-fp32": ("minilm_onnx", "float32"),
+    "ours-onnx-int8": ("minilm_onnx_int8", "int8"),
 }
 PEERS = {
     "litserve-fp32": ("litserve", "float32"),
@@ -75,6 +84,10 @@ PEERS = {
     "infinity-int8": ("infinity", "int8"),
 }
 ENCODES = {"encode-fp32": "float32", "encode-bf16": "bfloat16"}
+# ONNX Runtime in this process: the anchor every system is compared with (ort-fp32).
+ORT_IN_PROCESS = {"ort-fp32": "float32", "ort-int8": "int8"}
+ANCHOR = "ort-fp32"
+IN_PROCESS = (*ENCODES, *ORT_IN_PROCESS)
 
 
 @dataclass
@@ -88,6 +101,28 @@ class Cell:
     p99_ms: float
     requests: int
     errors: int
+
+
+def instruction_sets() -> dict[str, bool]:
+    """The vector instruction sets that decide which precision is fast on this CPU."""
+    checks = {
+        "AVX2": torch.cpu._is_avx2_supported,
+        "AVX-512": torch.cpu._is_avx512_supported,
+        "AVX512_BF16": torch.cpu._is_avx512_bf16_supported,
+        "VNNI": torch.cpu._is_vnni_supported,
+        "AMX": torch.cpu._is_amx_tile_supported,
+    }
+    return {name: bool(check()) for name, check in checks.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---- the load generator -----------------------------------------------------------------------
@@ -288,37 +323,152 @@ def bench_encode(precision: str, sentences: dict[str, str], seconds: float) -> l
     model = SentenceTransformer(
         str(CHECKPOINT), device="cpu", model_kwargs={"torch_dtype": getattr(torch, precision)}
     )
-    cells = []
-    for workload, sentence in sentences.items():
-        batch = [sentence] * ENCODE_BATCH
-        for _ in range(3):
-            model.encode(batch, batch_size=ENCODE_BATCH, normalize_embeddings=True)
-        latencies = []
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            call = time.perf_counter()
-            model.encode(batch, batch_size=ENCODE_BATCH, normalize_embeddings=True)
-            latencies.append((time.perf_counter() - call) * 1000)
-        elapsed = time.perf_counter() - started
-        latencies.sort()
-        name = f"encode-{'fp32' if precision == 'float32' else 'bf16'}"
-        cell = Cell(
-            name,
-            precision,
-            workload,
-            ENCODE_BATCH,
-            len(latencies) * ENCODE_BATCH / elapsed,
-            latencies[len(latencies) // 2],
-            latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            len(latencies) * ENCODE_BATCH,
-            0,
+    name = f"encode-{'fp32' if precision == 'float32' else 'bf16'}"
+
+    def encode(batch: list[str]) -> Any:
+        return model.encode(batch, batch_size=ENCODE_BATCH, normalize_embeddings=True)
+
+    return [
+        _in_process_cell(name, precision, workload, encode, sentence, seconds)
+        for workload, sentence in sentences.items()
+    ]
+
+
+def ort_graph(precision: str, folder: Path) -> Path:
+    """The torch.onnx graph of the checkpoint (from minilm_onnx.mar), float32 or int8 as a user
+    would quantize it: every MatMul, weights per channel, no accuracy gate."""
+    import zipfile
+
+    with zipfile.ZipFile(MODEL_STORE / "minilm_onnx.mar") as archive:
+        graph = folder / "model.onnx"
+        graph.write_bytes(archive.read("model.onnx"))
+    if precision == "float32":
+        return graph
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantized = folder / "model_int8.onnx"
+    quantize_dynamic(graph, quantized, op_types_to_quantize=["MatMul"], per_channel=True)
+    return quantized
+
+
+class OrtEncoder:
+    """ONNX Runtime in this process: tokenize, run the pooled graph, L2-normalise."""
+
+    def __init__(self, graph: Path) -> None:
+        import onnxruntime
+
+        from ts_handlers.text import load_tokenizer
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(
+            str(graph), options, providers=["CPUExecutionProvider"]
         )
-        print(f"  {name:14} {workload:5} batch {ENCODE_BATCH} {cell.requests_per_s:8.1f} sent/s")
-        cells.append(cell)
-    return cells
+        self.tokenizer = load_tokenizer(CHECKPOINT)
+
+    def encode(self, texts: list[str]) -> Any:
+        import numpy as np
+
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=256, return_tensors="np"
+        )
+        feed = {
+            "input_ids": batch["input_ids"].astype(np.int64),
+            "attention_mask": batch["attention_mask"].astype(np.int64),
+        }
+        vectors = self.session.run(None, feed)[0]
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def bench_ort(
+    name: str, sentences: dict[str, str], seconds: float, texts: list[str], reference: Any
+) -> tuple[list[Cell], Accuracy]:
+    """ONNX Runtime in this process at batch 16: sentences per second, and its accuracy."""
+    import numpy as np
+
+    from ts_handlers.precision import compare
+
+    precision = ORT_IN_PROCESS[name]
+    with tempfile.TemporaryDirectory(prefix="ts-handlers-ort-") as folder:
+        encoder = OrtEncoder(ort_graph(precision, Path(folder)))
+    served = np.concatenate(
+        [encoder.encode(texts[i : i + ENCODE_BATCH]) for i in range(0, len(texts), ENCODE_BATCH)]
+    )
+    figures = compare(torch.as_tensor(reference), torch.as_tensor(served), "embedding")
+    found = Accuracy(
+        name, figures["min_cosine"], figures["mean_cosine"], figures["neighbour_agreement"]
+    )
+    print(
+        f"  {name:14} accuracy over {len(texts)} calibration texts: min cosine "
+        f"{found.min_cosine:.6f}, nearest-neighbour agreement {found.neighbour_agreement:.3f}"
+    )
+    cells = [
+        _in_process_cell(name, precision, workload, encoder.encode, sentence, seconds)
+        for workload, sentence in sentences.items()
+    ]
+    return cells, found
+
+
+def _in_process_cell(
+    name: str, precision: str, workload: str, encode: Any, sentence: str, seconds: float
+) -> Cell:
+    batch = [sentence] * ENCODE_BATCH
+    for _ in range(3):
+        encode(batch)
+    latencies = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        call = time.perf_counter()
+        encode(batch)
+        latencies.append((time.perf_counter() - call) * 1000)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    cell = Cell(
+        name,
+        precision,
+        workload,
+        ENCODE_BATCH,
+        len(latencies) * ENCODE_BATCH / elapsed,
+        latencies[len(latencies) // 2],
+        latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        len(latencies) * ENCODE_BATCH,
+        0,
+    )
+    print(f"  {name:14} {workload:5} batch {ENCODE_BATCH} {cell.requests_per_s:8.1f} sent/s")
+    return cell
 
 
 # ---- report -----------------------------------------------------------------------------------
+
+
+def anchor_ratios(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Every system's cells against ONNX Runtime float32 in-process, same workload."""
+    anchor = {c.workload: c.requests_per_s for c in cells if c.system == ANCHOR}
+    return [
+        {
+            "system": cell.system,
+            "workload": cell.workload,
+            "concurrency": cell.concurrency,
+            f"vs_{ANCHOR}": _ratio(cell.requests_per_s, anchor.get(cell.workload)),
+        }
+        for cell in cells
+        if cell.system != ANCHOR
+    ]
+
+
+def anchor_table(rows: list[dict[str, Any]]) -> str:
+    """Ratios to ONNX Runtime float32 in-process: one row per system, one column per c."""
+    concurrencies = sorted({row["concurrency"] for row in rows})
+    by_key = {(r["system"], r["workload"], r["concurrency"]): r[f"vs_{ANCHOR}"] for r in rows}
+    lines = [f"\nratio to {ANCHOR} (ONNX Runtime float32 in this process, batch 16)"]
+    for workload in WORKLOADS:
+        lines.append(f"{workload:16}" + "".join(f"{f'c={c}':>9}" for c in concurrencies))
+        for system in dict.fromkeys(r["system"] for r in rows):
+            values = [by_key.get((system, workload, c)) for c in concurrencies]
+            if all(value is None for value in values):
+                continue
+            lines.append(f"  {system:14}" + "".join(f"{_show(v):>9}" for v in values))
+    return "\n".join(lines)
 
 
 def ratios(cells: list[Cell]) -> list[dict[str, Any]]:
@@ -364,8 +514,8 @@ def _ratio(ours: float, other: float | None) -> float | None:
 
 
 def table(cells: list[Cell], rows: list[dict[str, Any]]) -> str:
-    systems = list(dict.fromkeys(c.system for c in cells if "encode" not in c.system))
-    concurrencies = sorted({c.concurrency for c in cells if "encode" not in c.system})
+    systems = list(dict.fromkeys(c.system for c in cells if c.system not in IN_PROCESS))
+    concurrencies = sorted({c.concurrency for c in cells if c.system not in IN_PROCESS})
     by_key = {(c.system, c.workload, c.concurrency): c for c in cells}
     lines = []
     for workload in WORKLOADS:
@@ -383,7 +533,7 @@ def table(cells: list[Cell], rows: list[dict[str, Any]]) -> str:
                 row += f"{text:>26}"
             lines.append(row)
         for cell in cells:
-            if "encode" in cell.system and cell.workload == workload:
+            if cell.system in IN_PROCESS and cell.workload == workload:
                 lines.append(f"{cell.system:16}{cell.requests_per_s:7.1f} sentences/s at batch 16")
     lines.append("\nratios (ours / other, same workload and concurrency)")
     lines.append(
@@ -411,7 +561,7 @@ def chart(cells: list[Cell], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(WORKLOADS), figsize=(13, 5), sharey=False)
     for axis, workload in zip(axes, WORKLOADS, strict=True):
-        systems = dict.fromkeys(c.system for c in cells if "encode" not in c.system)
+        systems = dict.fromkeys(c.system for c in cells if c.system not in IN_PROCESS)
         for system in systems:
             points = sorted(
                 (c.concurrency, c.requests_per_s)
@@ -421,7 +571,7 @@ def chart(cells: list[Cell], path: Path) -> None:
             style = "-o" if system.startswith("ours") else "--s"
             axis.plot(*zip(*points, strict=True), style, label=system)
         for cell in cells:
-            if "encode" in cell.system and cell.workload == workload:
+            if cell.system in IN_PROCESS and cell.workload == workload:
                 axis.axhline(cell.requests_per_s, linestyle=":", color="grey")
                 axis.annotate(
                     f"{cell.system} (batch 16)",
@@ -431,7 +581,7 @@ def chart(cells: list[Cell], path: Path) -> None:
                     va="bottom",
                 )
         axis.set_xscale("log", base=2)
-        concurrencies = sorted({c.concurrency for c in cells if "encode" not in c.system})
+        concurrencies = sorted({c.concurrency for c in cells if c.system not in IN_PROCESS})
         axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
         axis.set_xlabel("concurrent clients (one sentence per request)")
         axis.set_ylabel("requests per second")
@@ -451,10 +601,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--systems",
         nargs="+",
-        default=[*ARCHIVES, *PEERS, *ENCODES],
-        choices=[*ARCHIVES, *PEERS, *ENCODES],
+        default=[*ORT_IN_PROCESS, *ARCHIVES, *PEERS, *ENCODES],
+        choices=[*ORT_IN_PROCESS, *ARCHIVES, *PEERS, *ENCODES],
     )
     args = parser.parse_args(argv)
+    isa = instruction_sets()
+    print(
+        f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; "
+        + ", ".join(f"{name} {'yes' if found else 'no'}" for name, found in isa.items()),
+        flush=True,
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if shutil.which("hey") is None:
         parser.error("hey is not installed: run `make bench-peers` (scripts/setup_peers.sh)")
@@ -480,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
         if system in ENCODES:
             cells += bench_encode(ENCODES[system], sentences, args.seconds)
             continue
+        if system in ORT_IN_PROCESS:
+            found_cells, found = bench_ort(system, sentences, args.seconds, texts, reference)
+            cells += found_cells
+            accuracies.append(found)
+            continue
         if system in ARCHIVES:
             archive, precision = ARCHIVES[system]
             server = torchserve(archive)
@@ -492,7 +654,10 @@ def main(argv: list[str] | None = None) -> int:
                 system, precision, endpoint, sentences, args.concurrency, args.seconds
             )
     rows = ratios(cells)
+    anchored = anchor_ratios(cells)
     print(table(cells, rows))
+    if any(cell.system == ANCHOR for cell in cells):
+        print(anchor_table(anchored))
     print("\naccuracy against float32 encode over the calibration texts")
     for found in accuracies:
         print(
@@ -504,9 +669,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "machine": {
-                    "cpu": platform.processor() or platform.machine(),
+                    "cpu": cpu_name(),
                     "cores": os.cpu_count(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "instruction_sets": isa,
                     "torch": torch.__version__,
                 },
                 "seconds_per_cell": args.seconds,
@@ -515,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cells": [asdict(cell) for cell in cells],
                 "accuracy_vs_encode_fp32": [asdict(found) for found in accuracies],
                 "ratios": rows,
+                f"ratios_vs_{ANCHOR}": anchored,
             },
             indent=2,
         )

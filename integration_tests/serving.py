@@ -26,6 +26,10 @@ ARCHIVES = [
     "sentiment_aoti.mar",
     "minilm_aoti.mar",
     "ner_aoti.mar",
+    "mnist_onnx.mar",
+    "sentiment_onnx.mar",
+    "minilm_onnx.mar",
+    "ner_onnx.mar",
 ]
 DIGITS_HELDOUT = ROOT / "build/checkpoints/digits/heldout.npz"
 

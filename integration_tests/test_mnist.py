@@ -1,5 +1,5 @@
-"""mnist.mar and mnist_aoti.mar on real TorchServe: held-out accuracy, request forms, batching,
-and bad input."""
+"""mnist.mar, mnist_aoti.mar and mnist_onnx.mar on real TorchServe: held-out accuracy, request
+forms, batching, and bad input."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ MIN_ACCURACY = 0.95
 
 
 # The same digits model exported two ways: TorchScript and torch.export + AOTInductor.
-@pytest.fixture(scope="module", params=["mnist", "mnist_aoti"])
+@pytest.fixture(scope="module", params=["mnist", "mnist_aoti", "mnist_onnx"])
 def model_name(request) -> str:
     return request.param
 

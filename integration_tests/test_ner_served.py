@@ -1,4 +1,4 @@
-"""ner.mar and ner_aoti.mar on real TorchServe, against
+"""ner.mar, ner_aoti.mar and ner_onnx.mar on real TorchServe, against
 transformers.pipeline("token-classification").
 
 The oracle is the pipeline on the checkpoint the archive was built from
@@ -70,8 +70,9 @@ def oracle(texts: list[str]) -> dict[str, list[list[dict[str, Any]]]]:
     }
 
 
-# The same NER model exported two ways: TorchScript and torch.export + AOTInductor.
-@pytest.fixture(scope="module", params=["ner", "ner_aoti"])
+# The same NER model exported three ways: TorchScript, torch.export + AOTInductor, and
+# torch.onnx run by ONNX Runtime.
+@pytest.fixture(scope="module", params=["ner", "ner_aoti", "ner_onnx"])
 def served(request, torchserve, inference, texts: list[str]) -> dict[str, list[Any]]:
     """Every text as its own text/plain request, both strategies, all in flight together."""
     require(ROOT / f"model_store/{request.param}.mar")

@@ -1,5 +1,5 @@
-"""minilm.mar and minilm_aoti.mar on real TorchServe: parity with sentence-transformers,
-batching, and refusals.
+"""minilm.mar, minilm_aoti.mar and minilm_onnx.mar on real TorchServe: parity with
+sentence-transformers, batching, and refusals.
 
 The reference is the same folder the archive was exported from, loaded by sentence-transformers
 in this process. ``encode(normalize_embeddings=False)`` on that folder still runs its Normalize
@@ -8,11 +8,13 @@ module, so the unnormalised reference is the folder's Transformer and Pooling mo
 
 from __future__ import annotations
 
+import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 from serving import MODEL_STORE, ROOT, require
 
 CHECKPOINT = ROOT / "build/checkpoints/minilm"
@@ -55,8 +57,9 @@ def make_sentences(count: int = 120, seed: int = 7) -> list[str]:
 SENTENCES = make_sentences()
 
 
-# The same MiniLM exported two ways: TorchScript and torch.export + AOTInductor.
-@pytest.fixture(scope="module", params=["minilm", "minilm_aoti"])
+# The same MiniLM exported three ways: TorchScript, torch.export + AOTInductor, and torch.onnx
+# run by ONNX Runtime.
+@pytest.fixture(scope="module", params=["minilm", "minilm_aoti", "minilm_onnx"])
 def model(request) -> str:
     return request.param
 
@@ -195,3 +198,23 @@ def test_bad_requests_get_4xx_json(inference, url, body, status):
     response = inference.post(url, json=body, timeout=60)
     assert response.status_code == status, response.text
     assert response.json()["code"] == status and response.json()["message"]
+
+
+def test_describe_says_what_runs_the_model(torchserve, model):
+    response = requests.get(
+        f"{torchserve.management_url}/models/{model}?customized=true",
+        headers=torchserve.auth_headers("management"),
+        timeout=60,
+    )
+    response.raise_for_status()
+    metadata = response.json()[0]["customizedMetadata"]
+    described = json.loads(metadata) if isinstance(metadata, str) else metadata
+    save_mode = {"minilm": "torchscript", "minilm_aoti": "aot_inductor", "minilm_onnx": "onnx"}
+    assert described["config"]["save_mode"] == save_mode[model]
+    runtime = described["export"].get("runtime")
+    if model == "minilm_onnx":
+        assert runtime["name"] == "onnxruntime" and runtime["providers"] == ["CPUExecutionProvider"]
+        assert runtime["graph_optimization_level"] == "ORT_ENABLE_ALL"
+        assert described["config"]["onnxruntime"]["graph_optimization_level"] == "all"
+    else:
+        assert runtime is None and "onnxruntime" not in described["config"]

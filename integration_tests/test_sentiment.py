@@ -1,5 +1,5 @@
-"""sentiment.mar, sentiment_eager.mar and sentiment_aoti.mar on real TorchServe, against
-transformers.pipeline.
+"""sentiment.mar, sentiment_eager.mar, sentiment_aoti.mar and sentiment_onnx.mar on real
+TorchServe, against transformers.pipeline.
 
 The oracle is ``transformers.pipeline("text-classification", top_k=None)`` on the checkpoint
 both archives were built from, run one text at a time with the archive's own truncation
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from serving import ROOT, require
 
-MODELS = ("sentiment", "sentiment_eager", "sentiment_aoti")
+MODELS = ("sentiment", "sentiment_eager", "sentiment_aoti", "sentiment_onnx")
 CHECKPOINT = ROOT / "build/checkpoints/sentiment"
 TOLERANCE = 1e-4
 MIN_ACCURACY = 0.85

@@ -151,7 +151,9 @@ class TaskHandler(Generic[ConfigT]):
                 f"{self.config.save_mode!r} archive has no serialized model; "
                 f"{type(self).__name__} serves exported models only"
             )
-        model, self.export_metadata = load_artifact(self.model_dir, serialized, self.device)
+        model, self.export_metadata = load_artifact(
+            self.model_dir, serialized, self.device, self.config
+        )
         return model
 
     def load_labels(self) -> list[str] | None:

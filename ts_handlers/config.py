@@ -101,6 +101,24 @@ def _bool_or_its_text(value: Any) -> Any:
 OptionBool = Annotated[bool, BeforeValidator(_bool_or_its_text)]
 
 
+class OnnxRuntimeConfig(BaseModel):
+    """How ONNX Runtime runs a ``save_mode: "onnx"`` archive (``setup_config.json`` key
+    ``onnxruntime``); the names are those of ``onnxruntime.SessionOptions``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    # ORT's graph optimisations at session creation: "all" adds the layout and fusions
+    # (attention, GELU, LayerNorm) that make it fast; "disable" runs the graph as exported.
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    # Threads one operator may use; 0: ONNX Runtime's default (one per physical core). With
+    # several workers on one machine, give each its share.
+    intra_op_num_threads: Annotated[int, Field(ge=0)] = 0
+    # Threads running independent operators at once; 0: ONNX Runtime's default. Used only
+    # when execution_mode is "parallel".
+    inter_op_num_threads: Annotated[int, Field(ge=0)] = 0
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+
+
 class HandlerConfig(BaseModel):
     """Keys every task understands.
 
@@ -115,8 +133,9 @@ class HandlerConfig(BaseModel):
     # Where the export step finds the eager checkpoint (a folder, or a tokenizer folder).
     model_name: str = ""
     # "torchscript" serves a TorchScript graph (model.pt); "aot_inductor" a torch.export graph
-    # compiled by AOTInductor (model.pt2); "pretrained" serves the eager checkpoint.
-    save_mode: Literal["torchscript", "aot_inductor", "pretrained"] = "torchscript"
+    # compiled by AOTInductor (model.pt2); "onnx" a torch.onnx graph run by ONNX Runtime
+    # (model.onnx); "pretrained" serves the eager checkpoint.
+    save_mode: Literal["torchscript", "aot_inductor", "onnx", "pretrained"] = "torchscript"
     # How the torchscript graph is produced: "trace" runs example inputs, "script" compiles Python.
     # aot_inductor always captures with torch.export and ignores it.
     export_method: Literal["trace", "script"] = "trace"
@@ -138,6 +157,23 @@ class HandlerConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["dynamic_int8"] | None = None
     calibration_file: str = ""
+    # save_mode "onnx" only: ONNX Runtime's session settings.
+    onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+
+    @model_validator(mode="after")
+    def _onnx_settings_need_onnx(self) -> HandlerConfig:
+        if self.onnxruntime != OnnxRuntimeConfig() and self.save_mode != "onnx":
+            raise ValueError(
+                f"onnxruntime settings apply to save_mode 'onnx'; this config has save_mode "
+                f"{self.save_mode!r}: drop onnxruntime, or set save_mode 'onnx'"
+            )
+        if self.save_mode == "onnx" and self.dtype != "float32":
+            raise ValueError(
+                f"save_mode 'onnx' serves float32, or int8 with quantization 'dynamic_int8' "
+                f"(ONNX Runtime's own); dtype {self.dtype!r} is not supported there: use "
+                "save_mode 'torchscript' or 'aot_inductor' for it"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -177,7 +213,9 @@ class HandlerConfig(BaseModel):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # Settings of a runtime the archive does not use stay out of its files and describe.
+        unused = set() if self.save_mode == "onnx" else {"onnxruntime"}
+        return self.model_dump(mode="json", exclude=unused)
 
     def replace(self, **changes: Any) -> HandlerConfig:
         """A copy with ``changes``, validated like the file was."""
@@ -241,22 +279,37 @@ _EXPECTED = {
 
 def explain(error: ValidationError, fields: Iterable[str]) -> str:
     """One sentence per mistake, each naming the key, the value and what is allowed."""
-    unknown = [str(item["loc"][0]) for item in error.errors() if item["type"] == "extra_forbidden"]
+    errors = error.errors()
+    unknown = [str(item["loc"][0]) for item in errors if _unknown_key(item, top_level=True)]
     messages = []
     if unknown:
         messages.append(
             f"unknown key(s) {', '.join(sorted(unknown))}; valid keys are {', '.join(fields)}"
         )
-    for item in error.errors():
-        if item["type"] != "extra_forbidden":
+    for item in errors:
+        if not _unknown_key(item, top_level=True):
             messages.append(_sentence(item))
     return "; ".join(messages)
+
+
+def _unknown_key(item: Any, top_level: bool) -> bool:
+    return item["type"] == "extra_forbidden" and (len(item["loc"]) == 1) == top_level
+
+
+# Nested settings objects, by key: their own valid keys are listed when one is unknown.
+_NESTED: dict[str, type[BaseModel]] = {"onnxruntime": OnnxRuntimeConfig}
 
 
 def _sentence(item: Any) -> str:
     key = _key(item["loc"])
     value, kind, context = item.get("input"), item["type"], item.get("ctx") or {}
     shown = _json(value)
+    if kind == "extra_forbidden":  # inside a nested object
+        nested = _NESTED.get(str(item["loc"][0]))
+        valid = f"; valid keys are {', '.join(nested.model_fields)}" if nested else ""
+        return f"unknown key {key}{valid}"
+    if kind == "model_type":
+        return f"{key} must be an object, got {shown}"
     if kind in _EXPECTED:
         return f"{key} must be {_EXPECTED[kind]}, got {shown}"
     if kind == "literal_error":

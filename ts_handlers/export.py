@@ -9,6 +9,8 @@ nothing in the handlers. Two exist:
 * ``aot_inductor``: ``torch.export.export`` with dynamic batch (and sequence) dimensions,
   compiled ahead of time by AOTInductor and packaged as ``model.pt2``. TorchServe 0.12's own
   loader does not read that package; our handlers do.
+* ``onnx``: ``torch.onnx.export`` with the same dynamic dimensions, saved as ``model.onnx`` and
+  run by ONNX Runtime (``ts_handlers/onnx_format.py``; the ``[onnx]`` extra).
 
 Every export is checked by :func:`verify` against the eager model on several input shapes; the
 build refuses to write an archive whose exported model disagrees.
@@ -100,6 +102,17 @@ class ExportFormat(ABC):
 
     @abstractmethod
     def load(self, path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]: ...
+
+    def configure(self, config: Any) -> None:  # noqa: B027 (optional: most formats need none)
+        """Takes the serving settings this format reads from the archive's config (none here)."""
+
+    def export_reduced(
+        self, model: torch.nn.Module, plan: ExportPlan, config: Any
+    ) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+        """A reduced-precision export done by the format itself on its own graph (ONNX Runtime
+        quantizes the ONNX graph), with the precision report; None: the build converts the
+        eager model (precision.py) and exports that with :meth:`export`."""
+        return None
 
 
 class TorchScriptFormat(ExportFormat):
@@ -260,9 +273,17 @@ def _first_lines(error: Exception, lines: int = 6) -> str:
     return "\n".join(str(error).strip().splitlines()[:lines])
 
 
+def _onnx_format(**options: Any) -> ExportFormat:
+    # Imported when asked for: the module imports this one.
+    from ts_handlers.onnx_format import ONNXFormat
+
+    return ONNXFormat(**options)
+
+
 FORMATS: dict[str, Callable[..., ExportFormat]] = {
     "torchscript": TorchScriptFormat,
     "aot_inductor": AOTInductorFormat,
+    "onnx": _onnx_format,
 }
 
 
@@ -276,12 +297,15 @@ def format_for(save_mode: str, **options: Any) -> ExportFormat:
 
 
 def load_artifact(
-    model_dir: Path, serialized_file: str, device: torch.device
+    model_dir: Path, serialized_file: str, device: torch.device, config: Any = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Loads the serialized model of an archive with the format its file name belongs to."""
+    """Loads the serialized model of an archive with the format its file name belongs to;
+    ``config``, the archive's parsed config, carries the format's serving settings."""
     for factory in FORMATS.values():
         export_format = factory()
         if serialized_file == export_format.file_name:
+            if config is not None:
+                export_format.configure(config)
             return export_format.load(model_dir / serialized_file, device)
     # An archive made by hand (torch-model-archiver --serialized-file traced_model.pt): the
     # manifest names the file, whatever its name; its contents say which format reads it.

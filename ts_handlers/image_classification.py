@@ -62,7 +62,7 @@ _RAW_SAMPLE_BITS = re.compile(r";(\d+)")
 
 class ImageClassificationConfig(HandlerConfig):
     mode: Literal["image_classification"] = "image_classification"
-    save_mode: Literal["torchscript", "aot_inductor"] = "torchscript"
+    save_mode: Literal["torchscript", "aot_inductor", "onnx"] = "torchscript"
     export_method: Literal["trace", "script"] = "script"
     color_mode: Literal["L", "RGB"] = "L"
     image_size: IntTuple = (28, 28)  # height, width

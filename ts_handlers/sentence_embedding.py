@@ -72,7 +72,7 @@ RESOLVED_KEYS = ("embedding_dimension", "normalize_result", "max_length")
 class SentenceEmbeddingConfig(TextConfig):
     mode: Literal["sentence_embedding"] = "sentence_embedding"
     # The pooled graph is only ever served exported; there is no eager serving path.
-    save_mode: Literal["torchscript", "aot_inductor"] = "torchscript"
+    save_mode: Literal["torchscript", "aot_inductor", "onnx"] = "torchscript"
     # None: read from the sentence-transformers folder at export (max_seq_length).
     max_length: Annotated[int, Field(ge=2)] | None = None
     embedding_dimension: PositiveInt | None = None

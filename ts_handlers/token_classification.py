@@ -45,7 +45,7 @@ ENTITY_BYTES = 96
 
 class TokenClassificationConfig(TextConfig):
     mode: Literal["token_classification"] = "token_classification"
-    save_mode: Literal["torchscript", "aot_inductor"] = "torchscript"
+    save_mode: Literal["torchscript", "aot_inductor", "onnx"] = "torchscript"
     aggregation_strategy: Strategy = "simple"  # the default; a request may choose another
     ignore_labels: StrTuple = ("O",)  # labels never answered, as the pipeline's
     # TorchServe's example key: when given, the model's label count must equal it.

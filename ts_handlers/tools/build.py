@@ -163,13 +163,19 @@ def _export(
         reference = plan.reference
     elif plan.model is not None:
         model = plan.model
-        if reduced:
-            started = time.perf_counter()
-            model, precision_report = precision.reduce_precision(config, plan)
-            seconds["reduce_precision"] = time.perf_counter() - started
         started = time.perf_counter()
-        exported = export_format.export(model, plan, config.export_method)
-        seconds["export"] = time.perf_counter() - started
+        # A format with its own quantizer (ONNX Runtime) exports and reduces in one step.
+        own = export_format.export_reduced(model, plan, config) if reduced else None
+        if own is not None:
+            exported, precision_report = own
+            seconds["export_and_reduce_precision"] = time.perf_counter() - started
+        else:
+            if reduced:
+                model, precision_report = precision.reduce_precision(config, plan)
+                seconds["reduce_precision"] = time.perf_counter() - started
+            started = time.perf_counter()
+            exported = export_format.export(model, plan, config.export_method)
+            seconds["export"] = time.perf_counter() - started
         against, reference = "eager", plan.reference or plan.model
     else:
         raise ExportError(f"save_mode {config.save_mode!r} needs an eager model to export")
