@@ -118,6 +118,30 @@ def jpeg_many_segments(count: int = 1_500_000) -> bytes:
     return data[:2] + b"\xff\xe5\x00\x02" * count + data[2:]
 
 
+def tiff_many_strips(count: int = 1_000_000, width: int = 16) -> bytes:
+    """A TIFF of ``count`` one-row strips, every strip at the same offset (SHORT arrays)."""
+
+    def entry(tag: int, kind: int, number: int, value: int) -> bytes:
+        return struct.pack("<HHII", tag, kind, number, value)
+
+    arrays = 8 + 2 + 9 * 12 + 4
+    offsets = struct.pack(f"<{count}H", *([8] * count))
+    counts = struct.pack(f"<{count}H", *([width] * count))
+    entries = [
+        entry(256, 4, 1, width),
+        entry(257, 4, 1, count),
+        entry(258, 3, 1, 8),
+        entry(259, 3, 1, 1),
+        entry(262, 3, 1, 1),
+        entry(273, 3, count, arrays),
+        entry(277, 3, 1, 1),
+        entry(278, 4, 1, 1),
+        entry(279, 3, count, arrays + len(offsets)),
+    ]
+    directory = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + directory + offsets + counts
+
+
 JSON = {"Content-Type": "application/json"}
 
 
@@ -210,6 +234,13 @@ def cases() -> list[Hostile]:
             "mnist",
             jpeg_many_segments(),
             {"Content-Type": "image/jpeg"},
+            (413,),
+        ),
+        Hostile(
+            "TIFF: 1,000,000 one-row strips",
+            "mnist",
+            tiff_many_strips(),
+            {"Content-Type": "image/tiff"},
             (413,),
         ),
     ]

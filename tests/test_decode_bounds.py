@@ -299,7 +299,30 @@ def many_jpeg_segments(count: int) -> bytes:
     return data[:2] + b"\xff\xe5\x00\x02" * count + data[2:]
 
 
+def many_tiff_strips(count: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (4, count)).save(buffer, "TIFF")
+    data = buffer.getvalue()
+    directory = int.from_bytes(data[4:8], "little")
+    entries = int.from_bytes(data[directory : directory + 2], "little")
+    patched = bytearray(data)
+    for index in range(entries):  # StripOffsets, StripByteCounts: claim `count` strips
+        entry = directory + 2 + index * 12
+        if int.from_bytes(data[entry : entry + 2], "little") in (273, 279):
+            patched[entry + 4 : entry + 8] = count.to_bytes(4, "little")
+    return bytes(patched)
+
+
+def many_tiff_entries(count: int) -> bytes:
+    entries = b"".join(
+        struct.pack("<HHII", 40000 + index % 20000, 4, 1, 0) for index in range(count)
+    )
+    return b"II*\x00" + struct.pack("<IH", 8, count) + entries + struct.pack("<I", 0)
+
+
 STRUCTURES = {
+    "a TIFF claiming 1,000,000 strips": (many_tiff_strips(1_000_000), "strips or tiles"),
+    "a TIFF directory of 65,000 entries": (many_tiff_entries(65_000), "entries in its first"),
     "a progressive JPEG of 100,000 scans": (repeated_scans(100_000), "scans"),
     "500,000 PNG chunks": (many_png_chunks(500_000), "chunks"),
     "1,200,000 GIF blocks": (many_gif_blocks(1_200_000), "blocks before its first image"),
@@ -323,7 +346,17 @@ def test_ordinary_structures_pass_the_counts():
         image_bytes.check_structure(repeated_scans(image_bytes.MAX_JPEG_SCANS - 9))
     assert image_bytes.check_structure(many_png_chunks(image_bytes.MAX_SEGMENTS - 5)) == 0
     assert image_bytes.check_structure(many_gif_blocks(image_bytes.MAX_SEGMENTS // 3 - 2)) == 0
-    for broken in (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"\xff\xd8\xff\xda\x00"):
+    buffer = io.BytesIO()
+    Image.new("L", (64, image_bytes.MAX_TIFF_STRIPS)).save(buffer, "TIFF")
+    assert image_bytes.tiff_counts(buffer.getvalue())[1] < image_bytes.MAX_TIFF_STRIPS
+    assert image_bytes.check_structure(many_tiff_strips(image_bytes.MAX_TIFF_STRIPS)) == 0
+    for broken in (
+        b"\xff\xd8\xff",
+        b"\x89PNG\r\n\x1a\n",
+        b"GIF89a",
+        b"\xff\xd8\xff\xda\x00",
+        b"II*\x00",
+    ):
         image_bytes.check_structure(broken)  # malformed: counting ends, Pillow decides
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 
 DEADLINE = timedelta(seconds=3)
 FUZZ = settings(
-    max_examples=30,
+    max_examples=200,
     deadline=DEADLINE,
     derandomize=True,
     database=None,

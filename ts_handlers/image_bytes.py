@@ -4,7 +4,8 @@ Pillow reads the segments of a JPEG, the chunks of a PNG and the blocks of a GIF
 in Python, and libjpeg makes one pass over the whole image per scan of a progressive JPEG. A
 few MB of tiny segments therefore cost seconds and hundreds of MB before a pixel is decoded
 (measured: 500,000 empty PNG chunks 4.6 s, 1.2 million GIF comment blocks 3.4 s and +500 MB,
-a progressive JPEG of thousands of scans past ``responseTimeout``). :func:`check_structure`
+a TIFF of 1,000,000 one-row strips 22 s and +400 MB, a progressive JPEG of thousands of scans
+past ``responseTimeout``). :func:`check_structure`
 counts them on the bytes, with C-speed scans where the data is large, and stops just past the
 limit, so its cost is bounded whatever the body holds. Ordinary files are far inside the
 limits: encoders write 2-4 JPEG scans (about 10 progressive), PNG data in 8-64 KB chunks, and a
@@ -23,9 +24,16 @@ MAX_JPEG_SCANS = 64
 # scans, a quarter-size one the 64 above. Measured on this 2-core AMD EPYC (Zen 3): a
 # 4096 x 4096 progressive JPEG decodes in 0.29 s with 10 scans and 1.98 s with 64.
 SCAN_PIXELS_PER_MAX_IMAGE = 16
-# Segments of a JPEG, chunks of a PNG, and blocks (sub-blocks included) of a GIF before its
-# first image: each is a step of Pillow's Python reader.
+# Segments of a JPEG, chunks of a PNG, blocks (sub-blocks included) of a GIF before its first
+# image, and entries of a TIFF's first directory: each is a step of Pillow's Python reader.
 MAX_SEGMENTS = 4096
+# Strips or tiles of a TIFF's first image: Pillow makes and decodes one tile entry for each in
+# Python (1,000,000 one-row strips, 4 MB: 22 s and +400 MB). One-row strips of a 16384-row
+# image still fit, and encoders write strips of 8-64 KB.
+MAX_TIFF_STRIPS = 16384
+# TIFF tags that list one entry per strip or tile: StripOffsets, StripByteCounts,
+# TileOffsets, TileByteCounts.
+_TIFF_STRIP_TAGS = (273, 279, 324, 325)
 
 # The next marker after a scan's entropy-coded data: 0xFF, then neither a stuffed 0x00 nor a
 # restart marker (RST0-RST7) nor another 0xFF (fill).
@@ -34,9 +42,9 @@ _HINT = "send the image re-encoded by an ordinary encoder"
 
 
 def check_structure(data: bytes) -> int:
-    """413 for a JPEG, PNG or GIF with more segments (or scans) than the limits; other bytes
-    pass unread. Malformed structure ends the count early: Pillow then says what is wrong.
-    Returns the JPEG's scans (0 for other formats), for :func:`check_scan_work`."""
+    """413 for a JPEG, PNG, GIF or TIFF with more segments (scans, strips) than the limits;
+    other bytes pass unread. Malformed structure ends the count early: Pillow then says what is
+    wrong. Returns the JPEG's scans (0 for other formats), for :func:`check_scan_work`."""
     scans = 0
     if data[:3] == b"\xff\xd8\xff":
         segments, scans = jpeg_counts(data)
@@ -50,6 +58,14 @@ def check_structure(data: bytes) -> int:
         segments, kind = png_chunks(data), "chunks"
     elif data[:6] in (b"GIF87a", b"GIF89a"):
         segments, kind = gif_blocks(data), "blocks before its first image"
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        segments, strips = tiff_counts(data)
+        kind = "entries in its first directory"
+        if strips > MAX_TIFF_STRIPS:
+            raise PayloadTooLarge(
+                f"the TIFF has {strips} strips or tiles, more than {MAX_TIFF_STRIPS} "
+                f"(image_bytes.MAX_TIFF_STRIPS); {_HINT}"
+            )
     else:
         return 0
     if segments > MAX_SEGMENTS:
@@ -132,3 +148,28 @@ def gif_blocks(data: bytes) -> int:
             if length == 0:
                 break
     return blocks
+
+
+def tiff_counts(data: bytes) -> tuple[int, int]:
+    """(entries, strips) of a TIFF's first directory (classic or BigTIFF): its tag entries
+    (Pillow reads each in Python: 65,000 of them, 780 KB, took 1.8 s), and the most strips or
+    tiles a strip or tile tag declares, read from the directory alone; 0 for what cannot be
+    read (Pillow then decides)."""
+    order = "little" if data[:2] == b"II" else "big"
+    big = int.from_bytes(data[2:4], order) == 43
+    offset_size, count_size, entry_size = (8, 8, 20) if big else (4, 2, 12)
+    start = 8 if big else 4
+    directory = int.from_bytes(data[start : start + offset_size], order)
+    first = directory + count_size
+    if directory < start + offset_size or first > len(data):
+        return 0, 0
+    # Only the entries the bytes hold: Pillow stops at the end of a shorter directory.
+    entries = min(int.from_bytes(data[directory:first], order), (len(data) - first) // entry_size)
+    most = 0
+    for index in range(min(entries, MAX_SEGMENTS + 1)):
+        entry = first + index * entry_size
+        tag = int.from_bytes(data[entry : entry + 2], order)
+        if tag in _TIFF_STRIP_TAGS:
+            count = int.from_bytes(data[entry + 4 : entry + 4 + offset_size], order)
+            most = max(most, count)
+    return entries, most
