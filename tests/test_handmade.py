@@ -92,6 +92,10 @@ def test_torchserve_example_config_is_understood(caplog: pytest.LogCaptureFixtur
     [record] = caplog.records  # one line, naming each ignored switch and why
     for key in ("FasterTransformer", "BetterTransformer", "model_parallel"):
         assert key in record.getMessage()
+    # The example's own default (pretrained, explanations on, max_length "150") loads: the
+    # explanation steps left at their default are fitted to the explanation budget.
+    example = {**TORCHSERVE_EXAMPLE_SETUP, "save_mode": "pretrained", "max_length": "150"}
+    assert parse_config(SequenceClassificationConfig, example, "x").explanation_steps == 42
     with pytest.raises(ConfigError, match=r"unknown key\(s\) hardware; valid keys are mode, "):
         parse_config(
             SequenceClassificationConfig, {**TORCHSERVE_EXAMPLE_SETUP, "hardware": "neuron"}, "x"

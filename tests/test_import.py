@@ -81,16 +81,21 @@ def served_scores(mar_path: Path, model_dir: Path, texts: list[str]) -> list[dic
     ]
 
 
-@pytest.mark.parametrize("kind", ["traced", "pretrained"])
+@pytest.mark.parametrize("kind", ["traced", "pretrained", "pretrained_explained"])
 def test_an_example_archive_imports_as_a_verified_archive(
     kind: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if kind == "traced":
         serialized = trace_like_torchserve_example(checkpoint, tmp_path / "traced_model.pt", 1)
         setup = TORCHSERVE_EXAMPLE_SETUP
-    else:
+    else:  # TorchServe's default: pretrained, with explanations unless switched off
         serialized = checkpoint / "model.safetensors"
-        setup = {**TORCHSERVE_EXAMPLE_SETUP, "save_mode": "pretrained", "captum_explanation": False}
+        explained = kind == "pretrained_explained"
+        setup = {
+            **TORCHSERVE_EXAMPLE_SETUP,
+            "save_mode": "pretrained",
+            "captum_explanation": explained,
+        }
     old = old_archive(tmp_path / "old.mar", serialized, checkpoint, setup)
     store = tmp_path / "store"
     assert cli.main(["import", str(old), "--name", "reviews", "--model-store", str(store)]) == 0
@@ -106,11 +111,15 @@ def test_an_example_archive_imports_as_a_verified_archive(
         export_report = json.loads(archive.read("export_report.json"))
         assert EXAMPLE_HANDLER not in archive.namelist()
     assert manifest["model"]["handler"] == "ts_handlers.sequence_classification:handle"
-    assert manifest["model"]["serializedFile"] == "model.pt"
-    verification = export_report["verification"]
+    if kind == "pretrained_explained":  # explanations need the eager model: kept as it is
+        assert export_report["save_mode"] == "pretrained"
+        assert export_report["resolved"]["embedding_name"] == "bert.embeddings"
+    else:
+        assert manifest["model"]["serializedFile"] == "model.pt"
+    verification = export_report.get("verification", {})
     if kind == "traced":
         assert verification["eager_reference"] is False and export_report["inputs"] == ["input_ids"]
-    else:  # exported by the build and verified against the eager checkpoint
+    elif kind == "pretrained":  # exported by the build and verified against eager
         assert verification["eager_reference"] is True
         assert verification["dynamic_shapes"]["passed"]
     texts = ["the movie was great", "tea", "i hated every minute of this awful boring film"]

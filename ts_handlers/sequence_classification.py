@@ -82,10 +82,17 @@ class SequenceClassificationConfig(TextConfig):
 
     @model_validator(mode="after")
     def _one_text_can_be_explained(self) -> SequenceClassificationConfig:
-        worst = max(self.max_length, MIN_EXPLANATION_TOKENS) * self.explanation_steps
+        length = max(self.max_length, MIN_EXPLANATION_TOKENS)
+        worst = length * self.explanation_steps
         # Only an eager model explains; on a graph, explanation requests get 400 saying so.
         explains = self.captum_explanation and self.save_mode == "pretrained"
         if explains and worst > self.max_explanation_token_steps:
+            if "explanation_steps" not in self.model_fields_set:
+                # Left at its default (TorchServe's example file has max_length 150): the most
+                # steps one full-length text fits in the budget, rather than a refusal.
+                steps = max(self.max_explanation_token_steps // length, 1)
+                self.__dict__["explanation_steps"] = steps  # frozen: set during validation
+                return self
             raise ValueError(
                 f"explaining one text of max_length {self.max_length} tokens at "
                 f"explanation_steps {self.explanation_steps} is {worst} token-steps, over "

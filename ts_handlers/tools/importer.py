@@ -144,21 +144,6 @@ def translate(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if raw.get("captum_explanation") and raw.get("save_mode") != "pretrained":
         raw["captum_explanation"] = False
         changes.append("captum_explanation off: explanations need save_mode 'pretrained'")
-    if raw.get("captum_explanation"):
-        from ts_handlers.sequence_classification import (
-            MIN_EXPLANATION_TOKENS,
-            SequenceClassificationConfig,
-        )
-
-        fields = SequenceClassificationConfig.model_fields
-        budget = fields["max_explanation_token_steps"].default
-        length = max(int(str(raw.get("max_length", 128))), MIN_EXPLANATION_TOKENS)
-        if length * fields["explanation_steps"].default > budget:
-            raw["explanation_steps"] = max(budget // length, 1)
-            changes.append(
-                f"explanation_steps {raw['explanation_steps']}: one text of {length} tokens "
-                f"fits the {budget} token-steps an explanation batch may run"
-            )
     return raw, changes
 
 
