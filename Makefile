@@ -38,13 +38,15 @@ integration: archives
 bench: archives
 	$(PY) benchmarks/embeddings.py
 
-# Archives only the benchmarks use (MiniLM compiled by AOTInductor in bfloat16 and int8); the
-# int8 build ranks every layer, which `make test` has no need to wait for.
+# Archives only the benchmarks use (MiniLM compiled by AOTInductor in bfloat16 and int8, and
+# ONNX Runtime's int8); the int8 builds search which layers stay float32, which `make test` has
+# no need to wait for.
 bench-archives: archives
 	$(PY) -m ts_handlers.tools.build --all --configs-root benchmarks/archiver_configs
 
-# Our archives against LitServe and Infinity serving the same MiniLM (docs/performance.md). The
-# peers live in their own environment, .venv-peers, set up here once; never part of `make test`.
+# Our archives against ONNX Runtime in-process (the anchor), LitServe and Infinity serving the
+# same MiniLM (docs/performance.md). The peers live in their own environment, .venv-peers, set
+# up here once; never part of `make test`.
 bench-peers: bench-archives .venv-peers/.ts-handlers-peers
 	$(PY) benchmarks/peers.py
 

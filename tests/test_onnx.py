@@ -154,10 +154,13 @@ def test_settings_reach_the_session() -> None:
     from ts_handlers.onnx_format import session_options
 
     options = session_options(
-        OnnxRuntimeConfig(graph_optimization_level="disable", intra_op_num_threads=2)
+        OnnxRuntimeConfig(
+            graph_optimization_level="disable", intra_op_num_threads=2, allow_spinning=False
+        )
     )
     assert options.intra_op_num_threads == 2
     assert str(options.graph_optimization_level).endswith("ORT_DISABLE_ALL")
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 class DataDependent(nn.Module):

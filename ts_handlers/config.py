@@ -117,6 +117,10 @@ class OnnxRuntimeConfig(BaseModel):
     # when execution_mode is "parallel".
     inter_op_num_threads: Annotated[int, Field(ge=0)] = 0
     execution_mode: Literal["sequential", "parallel"] = "sequential"
+    # Whether idle intra-op threads spin before sleeping (ONNX Runtime's default: they do).
+    # Spinning threads take the cores TorchServe's frontend and the next request need when a
+    # worker shares its cores (as GOMP_SPINCOUNT for torch's OpenMP threads, tools/server.py).
+    allow_spinning: bool = True
 
 
 class HandlerConfig(BaseModel):

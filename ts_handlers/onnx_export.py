@@ -306,7 +306,10 @@ def quantize_int8(
     expected = precision.rows_compared(plan, plan.model, plan.calibration_inputs)
     ranking, impact = rank_layers(model_bytes, layers, plan)
     worst = ", ".join(f"{layers[name]} {impact[name]:.2e}" for name in ranking[:3])
-    print(f"dynamic_int8 (onnx): {len(layers)} layers ranked by own int8 error; worst: {worst}")
+    print(
+        f"dynamic_int8 (onnx): {len(layers)} layers ranked by own int8 error; worst: {worst}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory(prefix="ts-handlers-onnx-int8-") as folder:
         source = Path(folder) / "float32.onnx"
@@ -336,7 +339,8 @@ def quantize_int8(
                 failures = gate.failures(figures)
                 print(
                     f"  {count} layers kept in float32: "
-                    + (f"FAILED: {'; '.join(failures)}" if failures else "passes the gate")
+                    + (f"FAILED: {'; '.join(failures)}" if failures else "passes the gate"),
+                    flush=True,
                 )
             return tried[count]
 

@@ -50,6 +50,9 @@ def session_options(settings: OnnxRuntimeConfig) -> onnxruntime.SessionOptions:
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.intra_op_num_threads = settings.intra_op_num_threads
     options.inter_op_num_threads = settings.inter_op_num_threads
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0"
+    )
     options.execution_mode = (
         ort.ExecutionMode.ORT_PARALLEL
         if settings.execution_mode == "parallel"
@@ -183,4 +186,6 @@ def runtime_description(session: onnxruntime.InferenceSession) -> dict[str, Any]
         "providers": session.get_providers(),
         "graph_optimization_level": str(options.graph_optimization_level).rsplit(".", 1)[-1],
         "intra_op_num_threads": options.intra_op_num_threads,
+        "allow_spinning": options.get_session_config_entry("session.intra_op.allow_spinning")
+        == "1",
     }
