@@ -123,6 +123,8 @@ def test_the_same_body_on_predictions_and_token_counts(torchserve, inference, ve
     ):
         assert [token["id"] for token in tokens_of] == ids[mask.bool()].tolist()
     assert tokenized[0][1]["text"] == "The" and tokenized[0][1]["start"] == 0
+    # The project's own client finds the version and posts to the same route.
+    assert torchserve.client().tokenize(MODEL, TEXTS[:1]) == tokenized[:1]
     assert len(tokenized[-1]) == 256
 
     response = inference.post(
