@@ -304,8 +304,8 @@ def test_tokenize_options_and_limits(handler, reference):
     assert status == 200 and len(answer) == 1 and answer[0][0]["special"] is True
     status, answer, _ = one(handler, {"inputs": SENTENCES[-1], "truncate": False}, tokenize)
     assert status == 413 and "truncate" in answer["message"]
-    status, answer, _ = one(handler, {"inputs": "a", "prompt": "x"}, tokenize)
-    assert status == 400 and "unknown field(s) prompt" in answer["message"]
+    status, answer, _ = one(handler, {"inputs": "a", "normalize": True}, tokenize)
+    assert status == 400 and "unknown field(s) normalize" in answer["message"]
     status, answer, _ = one(handler, {"inputs": ["a"] * 257}, tokenize)
     assert status == 413 and "max_texts_per_request" in answer["message"]
 

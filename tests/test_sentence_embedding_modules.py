@@ -276,3 +276,27 @@ def test_include_prompt_false_with_weightedmean_fails_the_build(checkpoint, tmp_
     SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(tmp_path / "m"))
     with pytest.raises(ConfigError, match="weightedmean"):
         build(tmp_path / "m", tmp_path, "bad_weightedmean")
+
+
+def test_tokenize_reads_the_prompt_a_prediction_prepends(served):
+    """The tokenize route answers the ids a prediction runs: the default prompt, or the one
+    named, before the text (text-embeddings-inference's /tokenize takes prompt_name too)."""
+    from ts_handlers.text import TOKENIZE_PATH
+
+    handler, reference = served["prompts"]
+    tokenize = {**JSON, "url_path": TOKENIZE_PATH}
+    for options, prompt in [({}, "query: "), ({"prompt_name": "passage"}, "passage: ")]:
+        [(status, answer, _)] = run_batch(
+            handler, [({"body": {"inputs": SENTENCES, **options}}, tokenize)]
+        )
+        assert status == 200, answer
+        features = reference.tokenize([prompt + text for text in SENTENCES])
+        for tokens, ids, mask in zip(
+            answer, features["input_ids"], features["attention_mask"], strict=True
+        ):
+            assert [token["id"] for token in tokens] == ids[mask.bool()].tolist()
+        assert answer[0][1]["start"] == 0 and prompt.startswith(answer[0][1]["text"])
+    [(status, answer, _)] = run_batch(
+        handler, [({"body": {"inputs": "a", "prompt_name": "nope"}}, tokenize)]
+    )
+    assert status == 400 and "prompt_name" in answer["message"]

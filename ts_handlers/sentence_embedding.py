@@ -46,6 +46,7 @@ from ts_handlers.text import (
     TextHandler,
     TextOptions,
     Tokenized,
+    TokenizeOptions,
     answer_bytes,
     load_pretrained,
     load_tokenizer,
@@ -172,6 +173,13 @@ class SentenceEmbeddingOptions(TextOptions):
     prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
 
 
+class SentenceTokenizeOptions(TokenizeOptions):
+    """A tokenize request reads the prompt a prediction would prepend (TEI's prompt_name)."""
+
+    prompt_name: Annotated[str, Field(max_length=MAX_PROMPT_NAME_CHARS)] | None = None
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+
+
 class PooledEncoder(nn.Module):
     """Transformer + pooling as one traceable graph: (input_ids, attention_mask) -> (batch, dim).
 
@@ -215,6 +223,7 @@ class PooledEncoder(nn.Module):
 class SentenceEmbeddingHandler(TextHandler):
     config_class = SentenceEmbeddingConfig
     options_class = SentenceEmbeddingOptions
+    tokenize_options_class = SentenceTokenizeOptions
     openai_embeddings = True
 
     def setup(self) -> None:
@@ -258,6 +267,15 @@ class SentenceEmbeddingHandler(TextHandler):
                 f"prompt_name={preview(name)} is not one of this model's prompts: {known}"
             )
         return prompts[name]
+
+    def tokenize_texts(self, texts: list[str], options: Any) -> list[str]:
+        prompt = self.resolve_prompt(options)
+        if not prompt:
+            return texts
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"inputs[{index}] is empty or whitespace only")
+        return [prompt + text for text in texts]
 
     def decode_texts(
         self, texts: list[str], options: Any, single: bool, field: str = "inputs"

@@ -170,6 +170,8 @@ class TextHandler(TaskHandler[Any]):
     # character offsets and the special-tokens mask, and ``forward`` cuts each text's output
     # rows to its own tokens.
     token_outputs: ClassVar[bool] = False
+    # The options of a tokenize request (a task with prompts extends them).
+    tokenize_options_class: ClassVar[type[RequestOptions]] = TokenizeOptions
 
     def setup(self) -> None:
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -217,7 +219,8 @@ class TextHandler(TaskHandler[Any]):
         if request.is_empty:
             raise InvalidInput('the request body is empty; send text or JSON {"inputs": ...}')
         payload: Any = None
-        names = TokenizeOptions.names()
+        options_class = self.tokenize_options_class
+        names = options_class.names()
         if request.looks_like_json():
             payload = request.json()
             texts, _ = self._texts_from_json(payload, names)
@@ -225,11 +228,12 @@ class TextHandler(TaskHandler[Any]):
             texts = [request.text()]
         raw = {name: request.option(name, payload) for name in names}
         try:
-            options = TokenizeOptions.model_validate(
+            options = options_class.model_validate(
                 {name: value for name, value in raw.items() if value is not None}
             )
         except ValidationError as error:
             raise InvalidInput(explain(error, names)) from None
+        texts = self.tokenize_texts(texts, options)
         self.check_text_chars(texts)
         tokens = 0
         items = []
@@ -251,6 +255,11 @@ class TextHandler(TaskHandler[Any]):
                 )
             items.append(item)
         return Decoded(inputs=[], options=options, answer=lambda: self._tokens(items))
+
+    def tokenize_texts(self, texts: list[str], options: Any) -> list[str]:
+        """The texts a tokenize request reads, as a prediction would read them (a task that
+        prepends a prompt prepends it here too)."""
+        return texts
 
     def _tokens(self, items: list[Tokenized]) -> list[list[dict[str, Any]]]:
         answer = []
