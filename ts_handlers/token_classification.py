@@ -19,7 +19,7 @@ import torch
 from pydantic import BeforeValidator, Field
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, StrTuple, _not_a_bool
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, StrTuple
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.protocols import OutputTensor, json_per_input
@@ -57,9 +57,16 @@ class TokenClassificationConfig(TextConfig):
     stride: Annotated[int, Field(ge=0)] | None = None
 
 
+def _no_bool(value: Any) -> Any:
+    """true is not a stride (lax int parsing would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("stride must be a whole number of tokens, not true/false")
+    return value
+
+
 class TokenClassificationOptions(TextOptions):
     aggregation_strategy: Strategy | None = None
-    stride: Annotated[int, BeforeValidator(_not_a_bool), Field(ge=0)] | None = None
+    stride: Annotated[int, BeforeValidator(_no_bool), Field(ge=0)] | None = None
 
 
 def pipeline_postprocessing(tokenizer: Any, labels: list[str]) -> Any:
