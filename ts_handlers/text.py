@@ -491,17 +491,15 @@ class TextHandler(TaskHandler[Any]):
                 f"{field}[{index}] is {len(input_ids)} tokens; this model reads at most "
                 f"{max_length}. Shorten it or send truncate: true"
             )
-        offsets = encoding.get("offset_mapping")
+        spans = encoding.get("offset_mapping")
         if shift:  # offsets into the text as sent, as the pipeline gives them
             text = sent.lower() if self.config.do_lower_case else sent
-            if offsets is not None:
-                offsets = [
-                    (start + shift, end + shift) if end else (0, 0) for start, end in offsets
-                ]
+            if spans is not None:
+                spans = [(start + shift, end + shift) if end else (0, 0) for start, end in spans]
         return Tokenized(
             input_ids=input_ids,
             text=text,
-            offsets=offsets,
+            offsets=spans,
             special_tokens_mask=encoding.get("special_tokens_mask"),
         )
 
