@@ -8,6 +8,9 @@ archive was built from, and its tokenizer for the token counts.
 
 from __future__ import annotations
 
+import random
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from serving import MODEL_STORE, ROOT, require
@@ -132,3 +135,35 @@ def test_the_same_body_on_predictions_and_token_counts(torchserve, inference, ve
         json={"model": MODEL, "messages": []},
     )
     assert response.status_code == 404, response.text
+
+
+def test_openai_requests_share_dynamic_batches_with_the_other_forms(
+    torchserve, inference, version, reference
+):
+    """One text per request, OpenAI's form (on its route) interleaved with the task's own form:
+    each answer is its own text's vector, and OpenAI requests ran in batches with others."""
+    texts = [f"{TEXTS[i % 3]} ({i})" for i in range(24)]
+    jobs = [("openai", i) if i % 2 else ("own", i) for i in range(len(texts))]
+    random.Random(0).shuffle(jobs)
+    base = f"{torchserve.inference_url}/predictions/{MODEL}"
+
+    def send(job):
+        form, index = job
+        if form == "openai":
+            body = {"input": texts[index], "model": MODEL, "encoding_format": "float"}
+            return inference.post(f"{base}/{version}/v1/embeddings", json=body, timeout=120)
+        return inference.post(base, json={"inputs": texts[index]}, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(send, jobs))
+    assert all(response.ok for response in responses), [r.text[:200] for r in responses]
+    expected = reference.encode(texts)
+    served, sizes = [None] * len(texts), []
+    for (form, index), response in zip(jobs, responses, strict=True):
+        body = response.json()
+        served[index] = body["data"][0]["embedding"] if form == "openai" else body[0]
+        if form == "openai":
+            sizes.append(int(response.headers["X-Batch-Size"]))
+    print(f"batch sizes of OpenAI-form requests: {sorted(sizes)}")
+    assert cosines(served, expected).min() >= MIN_COSINE
+    assert max(sizes) > 1, "OpenAI-form requests must share dynamic batches"
