@@ -613,3 +613,32 @@ def test_context_manager_closes_the_session(
     with ts as entered:
         assert entered is ts
     assert closed == [True]
+
+
+def test_embed_sends_the_embedding_options_given(
+    client: TorchServeClient, inference: StubServer
+) -> None:
+    inference.reply("POST", "/predictions/minilm", [[0.1, 0.2]], content_type=None)
+
+    client.embed("minilm", "a", dimensions=2, prompt_name="query", truncation_side="left")
+    assert only(inference).json() == {
+        "inputs": "a",
+        "dimensions": 2,
+        "prompt_name": "query",
+        "truncation_side": "left",
+    }
+
+
+def test_tokenize_posts_under_the_default_version(
+    client: TorchServeClient, inference: StubServer, management: StubServer
+) -> None:
+    management.reply("GET", "/models/echo", DESCRIBE_ECHO)
+    tokens = [[{"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}]]
+    inference.reply(
+        "POST", f"/predictions/echo/{DESCRIBE_ECHO[0]['modelVersion']}/tokenize", tokens
+    )
+
+    assert client.tokenize("echo", ["a"], add_special_tokens=True) == tokens
+    seen = only(inference)
+    assert seen.json() == {"inputs": ["a"], "add_special_tokens": True}
+    assert seen.headers["content-type"] == "application/json"

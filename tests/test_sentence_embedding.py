@@ -306,7 +306,7 @@ BAD_REQUESTS = {
     "empty list": ({"inputs": []}, JSON, 400, "empty list"),
     "not a string": ({"inputs": ["fine", 7]}, JSON, 400, "inputs[1] must be a string"),
     "whitespace only": ({"inputs": ["ok", "   "]}, JSON, 400, "inputs[1] is empty"),
-    "unknown field": ({"input": "typo"}, JSON, 400, "unknown field(s) input"),
+    "unknown field": ({"inputs": "a", "typo": 1}, JSON, 400, "unknown field(s) typo"),
     "no inputs": ({"normalize": True}, JSON, 400, '"inputs"'),
     "inputs is a number": ({"inputs": 3}, JSON, 400, "a string or a list of strings"),
     "bad normalize": ({"inputs": "x", "normalize": "maybe"}, JSON, 400, "normalize must be"),
@@ -427,9 +427,10 @@ def test_unsupported_module_fails_the_build(mean_served: Served, tmp_path: Path)
     folder = tmp_path / "model"
     shutil.copytree(mean_served.folder, folder)
     modules = json.loads((folder / "modules.json").read_text())
-    modules.append({"idx": 3, "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    # Dense is served (tests/test_sentence_embedding_modules.py); an LSTM is not.
+    modules.append({"idx": 3, "path": "3_LSTM", "type": "sentence_transformers.models.LSTM"})
     (folder / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ConfigError, match="module 3 is 'sentence_transformers.models.Dense'"):
+    with pytest.raises(ConfigError, match="module 3 is 'sentence_transformers.models.LSTM'"):
         build_archive(write_config(tmp_path / "config", folder), tmp_path / "store", force=True)
 
 

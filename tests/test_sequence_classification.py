@@ -720,3 +720,57 @@ def test_a_config_the_checkpoint_cannot_meet_fails_the_build(
         assert code == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
+
+
+def test_tokenize_and_token_counts(handler, eager):
+    """A tokenize request (text-embeddings-inference's /tokenize) answers the ids the model
+    runs, and every prediction reports them in X-Compute-Tokens (after truncation)."""
+    from ts_handlers.text import TOKENIZE_PATH, TOKENS_HEADER
+
+    tokenizer = eager.tokenizer
+    texts = [SENTENCES[0], " ".join(SENTENCES) * 3]  # the second is truncated
+    expected = [
+        tokenizer(text, truncation=True, max_length=TINY_TEXT_MAX_LENGTH)["input_ids"]
+        for text in texts
+    ]
+    assert len(expected[1]) == TINY_TEXT_MAX_LENGTH
+    [(status, tokens, _), (status_predict, _, headers)] = run_batch(
+        handler,
+        [
+            (
+                {"body": {"inputs": texts}},
+                {**body_headers("application/json"), "url_path": TOKENIZE_PATH},
+            ),
+            ({"body": {"inputs": texts}}, body_headers("application/json")),
+        ],
+    )
+    assert (status, status_predict) == (200, 200), tokens
+    assert [[token["id"] for token in item] for item in tokens] == expected
+    assert int(headers[TOKENS_HEADER]) == sum(map(len, expected))
+    assert int(headers["X-Batch-Size"]) == 2  # the tokenize request ran no model
+
+
+def test_truncation_side_left_reads_the_texts_end(handler, eager):
+    """truncation_side "left" (per request, or the archive's default) keeps a long text's last
+    max_length tokens, as the checkpoint's tokenizer with truncation_side "left" does."""
+    long = " ".join(SENTENCES) * 3
+    tokenizer = eager.tokenizer
+    tokenizer.truncation_side = "left"
+    try:
+        expected = eager(long)
+    finally:
+        tokenizer.truncation_side = "right"
+    assert max(abs(a - b) for a, b in zip(expected, eager(long), strict=True)) > 1e-3
+    [(status, answer, _)] = run_batch(
+        handler, [parsed_json({"inputs": long, "truncation_side": "left"})]
+    )
+    assert status == 200, answer
+    assert_answer(answer, expected)
+    original = handler.config
+    handler.config = original.replace(truncation_side="left")
+    try:
+        [(status, answer, _)] = run_batch(handler, [plain(long)])
+    finally:
+        handler.config = original
+    assert status == 200, answer
+    assert_answer(answer, expected)

@@ -185,3 +185,142 @@ def test_a_bad_config_is_refused_at_build(tmp_path: Path) -> None:
     eager = write_config(tmp_path / "eager", checkpoint, save_mode="pretrained")
     with pytest.raises(ConfigError, match="save_mode='pretrained' is not supported"):
         build_archive(eager, tmp_path / "store", force=True)
+
+
+def test_tokenize_matches_the_tokenizer_and_counts_what_ran(served) -> None:
+    """A tokenize request gives the ids, offsets and token strings of each text as the model
+    reads it (truncated), for each tokenizer family; a prediction reports that count."""
+    from ts_handlers.text import TOKENIZE_PATH, TOKENS_HEADER
+
+    handler, _ = served
+    tokenizer = handler.tokenizer
+    [(status, tokens, _), (status_predict, _, headers)] = run_batch(
+        handler,
+        [
+            json_request({"inputs": TEXTS}, url_path=TOKENIZE_PATH),
+            json_request({"inputs": TEXTS}),
+        ],
+    )
+    assert (status, status_predict) == (200, 200), tokens
+    counts = []
+    for text, answer in zip(TEXTS, tokens, strict=True):
+        encoding = tokenizer(
+            text,
+            truncation=True,
+            max_length=TINY_TEXT_MAX_LENGTH,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        assert [token["id"] for token in answer] == encoding["input_ids"]
+        assert [token["token"] for token in answer] == tokenizer.convert_ids_to_tokens(
+            encoding["input_ids"]
+        )
+        for token, (start, stop), special in zip(
+            answer, encoding["offset_mapping"], encoding["special_tokens_mask"], strict=True
+        ):
+            assert token["special"] is bool(special)
+            if not special:
+                assert (token["start"], token["stop"]) == (start, stop)
+                assert token["text"] == text[start:stop]
+        counts.append(len(encoding["input_ids"]))
+    assert max(counts) == TINY_TEXT_MAX_LENGTH  # LONG is truncated as the model reads it
+    assert int(headers[TOKENS_HEADER]) == sum(counts)
+
+
+def test_truncation_side_left_answers_as_the_pipeline_with_a_left_truncating_tokenizer(
+    served,
+) -> None:
+    """Entities of a text's end, with offsets into the text as sent."""
+    from transformers import pipeline
+
+    handler, oracle = served
+    base = oracle("none")
+    tokenizer = base.tokenizer
+    tokenizer.truncation_side = "left"
+    try:
+        for strategy in ("none", "simple"):
+            left = pipeline(
+                "token-classification",
+                model=base.model,
+                tokenizer=tokenizer,
+                aggregation_strategy=strategy,
+            )
+            expected = left([LONG, TEXTS[0]])
+            [(status, answer, _)] = run_batch(
+                handler,
+                [
+                    json_request(
+                        {
+                            "inputs": [LONG, TEXTS[0]],
+                            "aggregation_strategy": strategy,
+                            "truncation_side": "left",
+                        }
+                    )
+                ],
+            )
+            assert status == 200, answer
+            assert score_difference(answer, expected) <= TOLERANCE, strategy
+            assert any(entity["end"] > len(LONG) // 2 for entity in answer[0])  # the end's
+            for entity in answer[0]:
+                assert entity["word"]  # offsets index LONG itself
+                assert 0 <= entity["start"] <= entity["end"] <= len(LONG)
+    finally:
+        tokenizer.truncation_side = "right"
+
+
+def test_stride_reads_long_texts_whole_as_the_pipeline(served) -> None:
+    """stride: a text over max_length in overlapping windows, the entities merged as the
+    pipeline's stride merges them, within 1e-4; the windows' tokens are what the model ran."""
+    from ts_handlers.text import TOKENS_HEADER
+
+    handler, oracle = served
+    texts = [LONG, TEXTS[0]]
+    stride = 6
+    strategies = ("simple", "first", "average", "max")
+    results = run_batch(  # one TorchServe batch: every strategy's windows in one forward
+        handler,
+        [
+            json_request({"inputs": texts, "aggregation_strategy": s, "stride": stride})
+            for s in strategies
+        ],
+    )
+    truncated = handler.tokenize(LONG, 0)
+    last_read = max(end for _, end in truncated.offsets)
+    for strategy, (status, answer, _) in zip(strategies, results, strict=True):
+        assert status == 200, answer
+        expected = oracle(strategy)(texts, stride=stride)
+        assert score_difference(answer, expected) <= TOLERANCE, strategy
+        # Entities past the first window: the whole text was read.
+        assert any(entity["start"] >= last_read for entity in answer[0]), strategy
+    windows = handler.tokenizer(
+        texts,
+        truncation=True,
+        max_length=TINY_TEXT_MAX_LENGTH,
+        stride=stride,
+        return_overflowing_tokens=True,
+    )["input_ids"]
+    assert len(windows) > len(texts)
+    assert int(results[0][2][TOKENS_HEADER]) == sum(map(len, windows))
+
+
+def test_stride_limits(served) -> None:
+    handler, _ = served
+    window = TINY_TEXT_MAX_LENGTH - handler.tokenizer.num_special_tokens_to_add()
+    results = run_batch(
+        handler,
+        [
+            json_request({"inputs": LONG, "stride": window}),
+            json_request({"inputs": LONG, "stride": 4, "aggregation_strategy": "none"}),
+            json_request({"inputs": LONG * 40, "stride": 4}),
+            json_request({"inputs": [LONG] * 30, "stride": 4}),
+            json_request({"inputs": LONG, "stride": -1}),
+            json_request({"inputs": TEXTS[0], "stride": 4}),
+        ],
+    )
+    statuses = [status for status, _, _ in results]
+    assert statuses == [400, 400, 413, 413, 400, 200], results
+    assert f"stride={window} must be below" in results[0][1]["message"]
+    assert 'aggregation_strategy "none"' in results[1][1]["message"]
+    assert "max_tokens_per_request" in results[2][1]["message"]
+    assert "max_tokens_per_request" in results[3][1]["message"]
+    assert "stride" in results[4][1]["message"]

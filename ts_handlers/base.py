@@ -39,6 +39,7 @@ from ts_handlers.config import (
 from ts_handlers.errors import (
     InvalidInput,
     PayloadTooLarge,
+    NotFound,
     RequestError,
     TooManyRequests,
     error_body,
@@ -46,6 +47,7 @@ from ts_handlers.errors import (
 from ts_handlers.export import load_artifact
 from ts_handlers.labels import LABELS_FILE, read_labels
 from ts_handlers.metrics import DECODE, ENCODE, FORWARD, BatchMetrics, report
+from ts_handlers.openai_api import EMBEDDINGS_PATH, OpenAIEmbeddings, is_openai_body
 from ts_handlers.payload import Request
 from ts_handlers.protocols import KServeRequest, OutputTensor, json_per_input, recognise
 from ts_handlers.protocols import error_body as kserve_error_body
@@ -79,9 +81,11 @@ class Decoded:
     options: Any = field(default_factory=RequestOptions)
     # True when the client sent one input rather than a list: answer with one item, unwrapped.
     single: bool = True
-    # The KServe protocol the request came in (protocols.py), which wraps its answer; None:
-    # the task's own request forms.
-    protocol: KServeRequest | None = None
+    # The wire protocol the request came in (a KServe protocol, protocols.py, or OpenAI's
+    # embeddings API, openai_api.py), which wraps its answer; None: the task's own forms.
+    protocol: KServeRequest | OpenAIEmbeddings | None = None
+    # Set for a request answered without the model (a tokenize request): produces its answer.
+    answer: Callable[[], Any] | None = None
 
 
 class TaskHandler(Generic[ConfigT]):
@@ -97,6 +101,8 @@ class TaskHandler(Generic[ConfigT]):
     # KServe instances (v1 instances, v2 BYTES elements) are base64 of binary data (an image
     # file) when True, text as sent when False (protocols.py).
     kserve_binary: ClassVar[bool] = False
+    # True for a task that answers OpenAI's embeddings API (openai_api.py).
+    openai_embeddings: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.initialized = False
@@ -112,7 +118,7 @@ class TaskHandler(Generic[ConfigT]):
         self._predictions_first_until = 0.0
         # The KServe protocol of each request of the batch being handled, by index: its errors
         # are written in that protocol's error body.
-        self._kserve: dict[int, KServeRequest] = {}
+        self._kserve: dict[int, KServeRequest | OpenAIEmbeddings] = {}
         # The current batch's stage times and sizes (ts_handlers/metrics.py).
         self.batch_metrics = BatchMetrics()
 
@@ -219,6 +225,18 @@ class TaskHandler(Generic[ConfigT]):
             "export": without_paths(self.export_metadata),
         }
 
+    def route(self, path: str, request: Request) -> Decoded:
+        """A request sent to ``/predictions/<model>/<version>/<path>`` (TorchServe hands the
+        path over as the ``url_path`` header); a task with routes of its own overrides this."""
+        raise NotFound(
+            f"this model serves no route {path!r}; post to /predictions/<model> "
+            f"(or .../{EMBEDDINGS_PATH} for a model that embeds text)"
+        )
+
+    def response_headers(self, decoded: Decoded) -> dict[str, str]:
+        """Headers of one answered prediction (a text task's token count, say)."""
+        return {}
+
     def explain_inputs(self, inputs: list[Any], decoded: Decoded) -> Any:
         raise InvalidInput(f"{type(self).__name__} does not provide explanations for this model")
 
@@ -286,6 +304,9 @@ class TaskHandler(Generic[ConfigT]):
                     row, self._content_type(context, index), context.get_all_request_header(index)
                 )
                 item = self._decode(index, request)
+                if item.answer is not None:  # answered without the model
+                    answers[index] = self._answer(context, index, item.answer)
+                    continue
                 if not item.inputs:
                     raise InvalidInput("the request contains no inputs")
                 if self._wants_explanation(context, index):
@@ -311,16 +332,28 @@ class TaskHandler(Generic[ConfigT]):
         batch_size = sum(len(item.inputs) for item in decoded.values())
         for index in range(len(data)):
             context.set_response_header(index, BATCH_SIZE_HEADER, str(batch_size))
+        for index, item in decoded.items():
+            for name, value in self.response_headers(item).items():
+                context.set_response_header(index, name, value)
         return answers
 
     # ---- internals -------------------------------------------------------------------------
 
     def _decode(self, index: int, request: Request) -> Decoded:
-        """A KServe v1/v2 body through its protocol (protocols.py), any other through ``decode``.
+        """A request sent to a route (``url_path``) through that route; a KServe v1/v2 body
+        through its protocol (protocols.py), an OpenAI embeddings body through openai_api.py,
+        any other through ``decode``.
 
         A JSON object or list is parsed here once and handed on parsed, as TorchServe hands on
         a body it decoded itself.
         """
+        path = str(request.headers.get("url_path") or "").strip("/")
+        if path == EMBEDDINGS_PATH:
+            # Recognised by its route before the body is read: every error is OpenAI's shape.
+            wire = self._kserve[index] = OpenAIEmbeddings()
+            return wire.decode(self, request)
+        if path:
+            return self.route(path, request)
         payload = None
         if request.looks_like_json() and _opens_json_container(request.body):
             if isinstance(request.body, dict):  # TorchServe parsed it: recognised before checks
@@ -330,6 +363,9 @@ class TaskHandler(Generic[ConfigT]):
             if kserve is not None:
                 self._kserve[index] = kserve  # from here on its errors are in its own body
                 return kserve.decode(self, request)
+            if self.openai_embeddings and is_openai_body(payload):
+                wire = self._kserve[index] = OpenAIEmbeddings(payload)
+                return wire.decode(self, request)
         if isinstance(payload, dict | list) and not isinstance(request.body, dict | list):
             request = replace(request, body=payload)
         return self.decode(request)
@@ -508,8 +544,8 @@ class TaskHandler(Generic[ConfigT]):
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
         if isinstance(error, TooManyRequests):
             context.set_response_header(index, "Retry-After", str(error.retry_after))
-        if index in self._kserve:  # the KServe protocols' own error body
-            return kserve_error_body(error.message)
+        if index in self._kserve:  # the protocol's own error body
+            return _wire_error(self._kserve[index], error.status, error.error_type, error.message)
         return error.to_json()
 
     def _internal_error(self, context: Any, index: int) -> str:
@@ -518,7 +554,7 @@ class TaskHandler(Generic[ConfigT]):
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
         message = "the model failed on this request"
         if index in self._kserve:
-            return kserve_error_body(message)
+            return _wire_error(self._kserve[index], status, "InternalServerError", message)
         return error_body(status, "InternalServerError", message)
 
     @staticmethod
@@ -532,6 +568,13 @@ class TaskHandler(Generic[ConfigT]):
     @staticmethod
     def _wants_explanation(context: Any, index: int) -> bool:
         return context.get_request_header(index, "explain") == "True"
+
+
+def _wire_error(wire: Any, status: HTTPStatus, error_type: str, message: str) -> str:
+    """An error in the request's wire protocol: OpenAI's shape, or the KServe protocols'."""
+    if isinstance(wire, OpenAIEmbeddings):
+        return wire.error_body(status, message)
+    return kserve_error_body(message)
 
 
 def _opens_json_container(body: Any) -> bool:

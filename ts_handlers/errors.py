@@ -38,6 +38,12 @@ class PayloadTooLarge(RequestError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
+class NotFound(RequestError):
+    """A route (the URL after ``/predictions/<model>/<version>/``) this model does not serve."""
+
+    status = HTTPStatus.NOT_FOUND
+
+
 class UnsupportedMediaType(RequestError):
     status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 

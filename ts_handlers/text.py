@@ -17,10 +17,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
+import orjson
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 from torch.export import Dim
 
@@ -32,8 +33,9 @@ from ts_handlers.config import (
     OptionBool,
     PositiveInt,
     RequestOptions,
+    explain,
 )
-from ts_handlers.errors import InvalidInput, PayloadTooLarge
+from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge
 from ts_handlers.export import ExportPlan, one_at_a_time
 from ts_handlers.metrics import TOKENIZE
 from ts_handlers.payload import DEFAULT_MAX_RESPONSE_SIZE, Request, reject_unknown_fields
@@ -74,14 +76,26 @@ CHARS_PER_TOKEN = 32
 # curl -d sends application/x-www-form-urlencoded, and TorchServe parses such a body into form
 # fields (plain text becomes a field name, or nothing at all), so the handler gets no body.
 FORM_URLENCODED = "application/x-www-form-urlencoded"
+# The route of a tokenize request (text-embeddings-inference's /tokenize), under
+# /predictions/<model>/<version>/.
+TOKENIZE_PATH = "tokenize"
+# text-embeddings-inference's response header: the tokens the model ran for this request.
+TOKENS_HEADER = "X-Compute-Tokens"
 FORM_FIELDS_HINT = (
     "no text found: the body was sent as form fields (curl -d does that); send the text with "
     'Content-Type: text/plain, as JSON {"inputs": ...}, or as a form field named "data"'
 )
 
 
+# Which end of a text over max_length is cut (the tokenizer's truncation_side).
+TruncationSide = Literal["right", "left"]
+
+
 class TextConfig(HandlerConfig):
     max_length: Annotated[int, Field(ge=2)] = 128
+    # The default of the per-request "truncation_side": "left" keeps a text's end (the latest
+    # turns of a conversation, say), as text-embeddings-inference's truncation_direction.
+    truncation_side: TruncationSide = "right"
     # TorchServe's key: lower-case the text before tokenizing (for uncased checkpoints whose
     # tokenizer does not do it itself).
     do_lower_case: bool = False
@@ -126,6 +140,17 @@ class TextOptions(RequestOptions):
 
     # Cut a text longer than max_length (true, what the pipelines do) or refuse it with 413.
     truncate: OptionBool = True
+    # Which end a text over max_length loses; None: the archive's truncation_side.
+    truncation_side: TruncationSide | None = None
+
+
+class TokenizeOptions(RequestOptions):
+    """A tokenize request's options: the text is cut as the model would read it."""
+
+    truncate: OptionBool = True
+    truncation_side: TruncationSide | None = None
+    # False: the text's own tokens only, without [CLS]/[SEP] or <s>/</s>.
+    add_special_tokens: OptionBool = True
 
 
 @dataclass
@@ -138,6 +163,12 @@ class Tokenized:
     # tokens the tokenizer added ([CLS], [SEP], <s>, ...); None otherwise.
     offsets: list[tuple[int, int]] | None = None
     special_tokens_mask: list[int] | None = None
+    # Tokens of an instruction prompt at the start, left out of the pooling (sentence embedding
+    # with include_prompt false); 0: none.
+    prompt_length: int = 0
+    # False for the second and later windows of a text read with stride (token
+    # classification): its outputs join the window before.
+    first_window: bool = True
 
 
 class TextHandler(TaskHandler[Any]):
@@ -148,6 +179,8 @@ class TextHandler(TaskHandler[Any]):
     # character offsets and the special-tokens mask, and ``forward`` cuts each text's output
     # rows to its own tokens.
     token_outputs: ClassVar[bool] = False
+    # The options of a tokenize request (a task with prompts extends them).
+    tokenize_options_class: ClassVar[type[RequestOptions]] = TokenizeOptions
 
     # True for a graph with no attention_mask input (an archive made by hand): texts are
     # batched only with texts of their own length, so no padding reaches it (handmade.py).
@@ -179,6 +212,108 @@ class TextHandler(TaskHandler[Any]):
         self.check_answer_size(len(texts), options)
         return self.decode_texts(texts, options, single)
 
+    # ---- tokenize (text-embeddings-inference's /tokenize) ----------------------------------
+
+    def route(self, path: str, request: Request) -> Decoded:
+        if path == TOKENIZE_PATH:
+            return self.decode_tokenize(request)
+        raise NotFound(
+            f"this model serves no route {path!r}; its routes are {TOKENIZE_PATH!r}"
+            + (", 'v1/embeddings'" if self.openai_embeddings else "")
+            + ", and /predictions/<model> itself"
+        )
+
+    def decode_tokenize(self, request: Request) -> Decoded:
+        """``{"inputs": "text" | [...], "add_special_tokens"?, "truncate"?}`` (or text/plain)
+        -> one list of tokens per input, each ``{"id", "text", "special", "start", "stop",
+        "token"}``, as text-embeddings-inference's /tokenize answers (``start``/``stop``:
+        character offsets into the text as read; null for special tokens or a tokenizer
+        without offsets). The text is read as a prediction reads it, within the same limits,
+        so the ids are exactly what the model would run."""
+        if request.is_empty:
+            raise InvalidInput('the request body is empty; send text or JSON {"inputs": ...}')
+        payload: Any = None
+        options_class = self.tokenize_options_class
+        names = options_class.names()
+        if request.looks_like_json():
+            payload = request.json()
+            texts, _ = self._texts_from_json(payload, names)
+        else:
+            texts = [request.text()]
+        raw = {name: request.option(name, payload) for name in names}
+        try:
+            options = options_class.model_validate(
+                {name: value for name, value in raw.items() if value is not None}
+            )
+        except ValidationError as error:
+            raise InvalidInput(explain(error, names)) from None
+        texts = self.tokenize_texts(texts, options)
+        self.check_text_chars(texts)
+        tokens = 0
+        items = []
+        for index, text in enumerate(texts):
+            item = self.tokenize(
+                text,
+                index,
+                options.truncate,
+                offsets=True,
+                add_special_tokens=options.add_special_tokens,
+                side=options.truncation_side,
+            )
+            tokens += len(item.input_ids)
+            if tokens > self.config.max_tokens_per_request:
+                raise PayloadTooLarge(
+                    f"inputs[:{index + 1}] are already {tokens} tokens after truncation; the "
+                    f"limit is {self.config.max_tokens_per_request} tokens per request "
+                    f"({SETUP_CONFIG_FILE} max_tokens_per_request). Send fewer or shorter texts"
+                )
+            items.append(item)
+        return Decoded(inputs=[], options=options, answer=lambda: self._tokens(items))
+
+    def tokenize_texts(self, texts: list[str], options: Any) -> list[str]:
+        """The texts a tokenize request reads, as a prediction would read them (a task that
+        prepends a prompt prepends it here too)."""
+        return texts
+
+    def _tokens(self, items: list[Tokenized]) -> list[list[dict[str, Any]]]:
+        answer = []
+        for item in items:
+            strings = self.tokenizer.convert_ids_to_tokens(item.input_ids)
+            special = item.special_tokens_mask or [0] * len(item.input_ids)
+            offsets = item.offsets or [None] * len(item.input_ids)
+            tokens = []
+            for token_id, token, is_special, span in zip(
+                item.input_ids, strings, special, offsets, strict=True
+            ):
+                start, stop = span if span and not is_special else (None, None)
+                tokens.append(
+                    {
+                        "id": token_id,
+                        "text": token if start is None else item.text[start:stop],
+                        "special": bool(is_special),
+                        "start": start,
+                        "stop": stop,
+                        "token": token,
+                    }
+                )
+            answer.append(tokens)
+        size = len(orjson.dumps(answer))
+        if size > self.config.max_response_size:  # tokenizing is cheap; the answer is bounded
+            raise PayloadTooLarge(
+                f"the tokens of these texts take {size} bytes as JSON, over the limit of "
+                f"{self.config.max_response_size} ({SETUP_CONFIG_FILE} max_response_size); "
+                "send fewer or shorter texts"
+            )
+        return answer
+
+    def tokens_run(self, decoded: Decoded) -> int:
+        """The tokens the model runs for a request: after truncation, special tokens included
+        (padding excluded); what OpenAI's ``usage`` and the X-Compute-Tokens header report."""
+        return sum(len(item.input_ids) for item in decoded.inputs)
+
+    def response_headers(self, decoded: Decoded) -> dict[str, str]:
+        return {TOKENS_HEADER: str(self.tokens_run(decoded))}
+
     def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
         """A KServe request's texts; base64-sent ones must be UTF-8."""
         self.check_text_count(len(values))
@@ -206,7 +341,7 @@ class TextHandler(TaskHandler[Any]):
         tokens = 0
         padded = self.config.max_length if self.config.pad_to_max_length else 0
         for index, text in enumerate(texts):
-            item = self.tokenize(text, index, truncate, field)
+            item = self.tokenize(text, index, truncate, field, side=options.truncation_side)
             tokens += padded or len(item.input_ids)  # the positions the model will run
             if tokens > self.config.max_tokens_per_request:
                 raise PayloadTooLarge(
@@ -271,9 +406,13 @@ class TextHandler(TaskHandler[Any]):
                 f"{CHARS_PER_TOKEN} per token. Send fewer or shorter texts"
             )
 
-    def _texts_from_json(self, payload: Any) -> tuple[list[str], bool]:
+    def _texts_from_json(
+        self, payload: Any, options: Sequence[str] | None = None
+    ) -> tuple[list[str], bool]:
         if isinstance(payload, dict):
-            reject_unknown_fields(payload, ["inputs", *self.options_class.names()])
+            if options is None:
+                options = self.options_class.names()
+            reject_unknown_fields(payload, ["inputs", *options])
             if "inputs" not in payload:
                 raise InvalidInput('the JSON body needs "inputs": a string or a list of strings')
             payload = payload["inputs"]
@@ -305,8 +444,19 @@ class TextHandler(TaskHandler[Any]):
             )
 
     def tokenize(
-        self, text: str, index: int, truncate: bool = True, field: str = "inputs"
+        self,
+        text: str,
+        index: int,
+        truncate: bool = True,
+        field: str = "inputs",
+        *,
+        offsets: bool = False,
+        add_special_tokens: bool = True,
+        side: str | None = None,
     ) -> Tokenized:
+        """One text as the model reads it; ``side`` ("right", "left"; None: the archive's
+        truncation_side) says which end a text over ``max_length`` loses. Offsets always index
+        the text as sent."""
         if not text.strip():
             raise InvalidInput(f"{field}[{index}] is empty or whitespace only")
         try:  # JSON may carry "\ud800" escapes that no UTF-8 tokenizer can take
@@ -318,6 +468,9 @@ class TextHandler(TaskHandler[Any]):
             ) from None
         max_length = self.config.max_length
         cut = self.config.max_text_chars
+        side = side or self.config.truncation_side
+        sent = text
+        shift = 0  # characters cut from the text's start (left truncation)
         if len(text) > cut:
             if not truncate:
                 raise PayloadTooLarge(
@@ -327,18 +480,26 @@ class TextHandler(TaskHandler[Any]):
                 )
             # Only the first max_length tokens are kept, and ordinary text has them well
             # inside the first max_length x CHARS_PER_TOKEN characters: tokenizing the rest
-            # would cost time and change nothing (tests/test_limits.py checks that).
-            text = text[:cut]
+            # would cost time and change nothing (tests/test_limits.py checks that). Cut on
+            # the left, the last max_length tokens are inside the last characters likewise.
+            if side == "left":
+                shift, text = len(text) - cut, text[len(text) - cut :]
+            else:
+                text = text[:cut]
         if self.config.do_lower_case:
             text = text.lower()
         # One tokenizer pass: truncate while tokenizing, or count every token to refuse.
-        per_token = self.token_outputs
+        per_token = self.token_outputs or offsets
+        # The tokenizer reads its truncation_side at each call; a worker handles one batch at
+        # a time, so setting it per text is safe.
+        self.tokenizer.truncation_side = side
         with self.batch_metrics.timed(TOKENIZE):
             encoding = self.tokenizer(
                 text,
                 truncation=truncate,
                 max_length=max_length,
-                return_offsets_mapping=per_token,
+                add_special_tokens=add_special_tokens,
+                return_offsets_mapping=self.token_outputs or (offsets and self.tokenizer.is_fast),
                 return_special_tokens_mask=per_token,
             )
         input_ids = encoding["input_ids"]
@@ -347,10 +508,15 @@ class TextHandler(TaskHandler[Any]):
                 f"{field}[{index}] is {len(input_ids)} tokens; this model reads at most "
                 f"{max_length}. Shorten it or send truncate: true"
             )
+        spans = encoding.get("offset_mapping")
+        if shift:  # offsets into the text as sent, as the pipeline gives them
+            text = sent.lower() if self.config.do_lower_case else sent
+            if spans is not None:
+                spans = [(start + shift, end + shift) if end else (0, 0) for start, end in spans]
         return Tokenized(
             input_ids=input_ids,
             text=text,
-            offsets=encoding.get("offset_mapping"),
+            offsets=spans,
             special_tokens_mask=encoding.get("special_tokens_mask"),
         )
 

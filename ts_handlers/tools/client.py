@@ -278,19 +278,56 @@ class TorchServeClient:
         version: str | None = None,
         normalize: bool | None = None,
         truncate: bool | None = None,
+        dimensions: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncation_side: str | None = None,
     ) -> Any:
-        """Send ``{"inputs", "normalize", "truncate"}`` to an embedding handler.
+        """Send ``{"inputs", <options>}`` to an embedding handler (docs/sentence_embedding.md:
+        ``normalize``, ``truncate``, Matryoshka ``dimensions``, ``prompt_name`` or ``prompt``,
+        ``truncation_side``).
 
         The handler's JSON comes back untouched: whether a single string yields one vector or a
         one-element list of vectors is the handler's decision, not this client's.  Options left
         as None are omitted so the handler's own defaults apply.
         """
         payload: dict[str, Any] = {"inputs": inputs if isinstance(inputs, str) else [*inputs]}
-        if normalize is not None:
-            payload["normalize"] = normalize
-        if truncate is not None:
-            payload["truncate"] = truncate
+        options = {
+            "normalize": normalize,
+            "truncate": truncate,
+            "dimensions": dimensions,
+            "prompt_name": prompt_name,
+            "prompt": prompt,
+            "truncation_side": truncation_side,
+        }
+        payload.update({key: value for key, value in options.items() if value is not None})
         return self.predict(name, payload, version=version, content_type="application/json")
+
+    def tokenize(
+        self,
+        name: str,
+        inputs: str | Sequence[str],
+        *,
+        version: str | None = None,
+        add_special_tokens: bool | None = None,
+    ) -> Any:
+        """A text model's tokens for ``inputs``, as it reads them (one list per input; see
+        docs/openai.md#tokenize). The route sits under the model's version, so without
+        ``version`` the default version is looked up first."""
+        if version is None:
+            version = str(self.describe(name)["modelVersion"])
+        payload: dict[str, Any] = {"inputs": inputs if isinstance(inputs, str) else [*inputs]}
+        if add_special_tokens is not None:
+            payload["add_special_tokens"] = add_special_tokens
+        return self._post_inference(
+            "predictions",
+            f"{quote(name, safe='')}/{quote(version, safe='')}/tokenize",
+            payload,
+            version=None,
+            content_type="application/json",
+            params=None,
+            quoted=True,
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -303,12 +340,15 @@ class TorchServeClient:
         version: str | None,
         content_type: str | None,
         params: dict[str, Any] | None,
+        quoted: bool = False,
     ) -> Any:
         body, default_type = _encode(data)
+        # quoted: ``name`` is already a path of quoted segments (a route under a version).
+        path = f"/{endpoint}/{name}" if quoted else _path(endpoint, name, version)
         response = self._send(
             "POST",
             self.inference_url,
-            _path(endpoint, name, version),
+            path,
             self.inference_key,
             data=body,
             params=params,
