@@ -38,8 +38,8 @@ from ts_handlers.config import (
 )
 from ts_handlers.errors import (
     InvalidInput,
-    PayloadTooLarge,
     NotFound,
+    PayloadTooLarge,
     RequestError,
     TooManyRequests,
     error_body,
