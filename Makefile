@@ -50,7 +50,8 @@ bench-archives: archives
 bench-peers: bench-archives .venv-peers/.ts-handlers-peers
 	$(PY) benchmarks/peers.py
 
-# TorchScript against AOTInductor: export time, size, worker load time, first answer.
+# TorchScript against AOTInductor and ONNX Runtime: export time, size, worker load time, first
+# answer.
 bench-formats: bench-archives
 	$(PY) benchmarks/formats.py
 

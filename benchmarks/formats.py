@@ -1,13 +1,16 @@
-"""TorchScript against torch.export + AOTInductor, for every model built both ways.
+"""TorchScript against torch.export + AOTInductor and torch.onnx + ONNX Runtime, for every model
+built more than one way.
 
     make bench-formats
     python benchmarks/formats.py [--pairs mnist sentiment ...] [--repeats 3]
 
-For each pair of archives in ``model_store/`` (``<name>.mar``, TorchScript, and
-``<name>_aoti.mar``, AOTInductor) it reports:
+For each model's archives in ``model_store/`` (``<name>.mar``, TorchScript,
+``<name>_aoti.mar``, AOTInductor, and ``<name>_onnx.mar``, ONNX Runtime, where one exists) it
+reports:
 
 - the build's own seconds, read from each archive's ``export_report.json``: loading the eager
-  model, exporting (for AOTInductor: torch.export plus the C++ compile), verifying against eager;
+  model, exporting (for AOTInductor: torch.export plus the C++ compile; for ONNX int8: the
+  export and the search for the layers kept in float32), verifying against eager;
 - the archive's size and its serialized model's size;
 - worker load time on real TorchServe: registering the archive with one worker and waiting until
   it is ready (``synchronous=true``), the median of ``--repeats`` registrations;
@@ -43,11 +46,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 PAIRS = ["mnist", "sentiment", "minilm", "ner", "minilm_bf16", "minilm_int8"]
 # The AOTInductor archive of a pair: <base>_aoti, with the precision suffix kept last.
 AOTI_NAMES = {"minilm_bf16": "minilm_aoti_bf16", "minilm_int8": "minilm_aoti_int8"}
+# The ONNX archive: <base>_onnx likewise; ONNX Runtime has no bfloat16 archive.
+ONNX_NAMES: dict[str, str | None] = {"minilm_bf16": None, "minilm_int8": "minilm_onnx_int8"}
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 
 
 def aoti_name(base: str) -> str:
     return AOTI_NAMES.get(base, f"{base}_aoti")
+
+
+def onnx_name(base: str) -> str | None:
+    return ONNX_NAMES.get(base, f"{base}_onnx")
 
 
 def request_for(archive: str) -> dict[str, Any]:
@@ -111,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", nargs="+", default=PAIRS, choices=PAIRS)
     parser.add_argument("--repeats", type=int, default=3, help="registrations per archive")
     args = parser.parse_args(argv)
-    archives = [name for base in args.pairs for name in (base, aoti_name(base))]
+    archives = [
+        name for base in args.pairs for name in (base, aoti_name(base), onnx_name(base)) if name
+    ]
     missing = [name for name in archives if not (MODEL_STORE / f"{name}.mar").is_file()]
     if missing:
         parser.error(f"missing from model_store/: {', '.join(missing)} (run `make bench-formats`)")
@@ -127,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in rows:
         seconds = row["build_seconds"]
+        export = seconds.get("export", seconds.get("export_and_reduce_precision", 0))
         print(
-            f"{row['archive']:20}{row['save_mode']:>14}{seconds.get('export', 0):>10.1f}"
+            f"{row['archive']:20}{row['save_mode']:>14}{export:>10.1f}"
             f"{seconds.get('verify', 0):>10.1f}{row['archive_mb']:>9.1f}{row['load_s']:>8.2f}"
             f"{row['first_answer_s']:>14.3f}{row['next_answers_ms']:>9.1f}"
         )

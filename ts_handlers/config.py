@@ -117,10 +117,11 @@ class OnnxRuntimeConfig(BaseModel):
     # when execution_mode is "parallel".
     inter_op_num_threads: Annotated[int, Field(ge=0)] = 0
     execution_mode: Literal["sequential", "parallel"] = "sequential"
-    # Whether idle intra-op threads spin before sleeping (ONNX Runtime's default: they do).
-    # Spinning threads take the cores TorchServe's frontend and the next request need when a
-    # worker shares its cores (as GOMP_SPINCOUNT for torch's OpenMP threads, tools/server.py).
-    allow_spinning: bool = True
+    # Whether idle intra-op threads spin before sleeping. ONNX Runtime's own default is true;
+    # ours is false: spinning threads take the cores TorchServe's frontend and the next request
+    # need (as GOMP_SPINCOUNT for torch's OpenMP threads, tools/server.py). MiniLM on 2 shared
+    # cores, c=16, short sentences: 72-84 req/s spinning, 137-153 not (docs/performance.md).
+    allow_spinning: bool = False
 
 
 class HandlerConfig(BaseModel):

@@ -2,7 +2,7 @@
 
 An :class:`ExportFormat` turns an eager module into a servable artifact, saves it with metadata
 and loads it back. Handlers only ever call :func:`load_artifact`, so a format is a class here and
-nothing in the handlers. Two exist:
+nothing in the handlers. Three exist:
 
 * ``torchscript``: ``torch.jit.trace`` or ``script``, frozen, saved as ``model.pt`` (LibTorch
   loads it too, see docs/without-python.md);
