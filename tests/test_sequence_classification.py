@@ -688,7 +688,10 @@ def test_an_export_that_fails_even_at_fixed_shape_writes_no_archive(
         ({"max_lenght": 64}, "unknown key.*max_lenght.*valid keys are.*max_length"),
         ({"top_k": 0}, "top_k must be at least 1"),
         ({"explanation_steps": 0}, "explanation_steps must be at least 1"),
-        ({"save_mode": "onnx"}, "save_mode='onnx'.*'torchscript', 'aot_inductor', 'pretrained'"),
+        (
+            {"save_mode": "tensorrt"},
+            "save_mode='tensorrt'.*'torchscript', 'aot_inductor', 'onnx', 'pretrained'",
+        ),
         ({"max_length": "128 tokens"}, "max_length must be an integer"),
     ],
 )
