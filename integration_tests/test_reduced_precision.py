@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from harness import body_headers, load_text_handler, make_context, run_batch, unpack_archive
 from serving import MODEL_STORE, ROOT, png_bytes, require
 
-from ts_handlers import precision
+from ts_handlers import cpu
 from ts_handlers.export import ExportError
 from ts_handlers.tools.build import REPORT_FILE, build_archive
 
@@ -80,11 +81,28 @@ def test_reduced_minilm_is_served_within_its_gate(inference, torchserve, encoded
     report = archive_report(MODEL_STORE / f"{archive}.mar")["verification"]["precision"]
     assert report["calibration"]["inputs"] == 400  # the texts of datasets/calibration.txt
     assert report["calibration"]["min_cosine"] >= MIN_COSINE[archive]
-    dtype = "bfloat16" if archive.endswith("bf16") else "float32"
-    assert report["cpu"] == precision.cpu_support(dtype)
+    name = "bfloat16" if archive.endswith("bf16") else "dynamic_int8"
+    kernel = report.get("recipe", {}).get("kernel")
+    if report["cpu"]["cpu_capability"] == cpu.instruction_sets()["cpu_capability"]:
+        assert report["cpu"]["fast"] == cpu.fast_here(name, kernel)[0]
+    assert {"short", "long"} == set(report["speed"]["cases"])  # timed by the build
     if archive.endswith("int8"):
         assert report["calibration"]["neighbour_agreement"] >= 0.98
         assert report["recipe"]["quantized_layers"] > len(report["recipe"]["float32_layers"])
+
+    # What runs here: the archive's precision where this CPU runs it fast, else float32.
+    response = requests.get(
+        f"{torchserve.management_url}/models/{archive}?customized=true",
+        headers=torchserve.auth_headers("management"),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    described = response.json()[0]["customizedMetadata"]
+    described = json.loads(described) if isinstance(described, str) else described
+    recorded = {"name": name, "kernel": kernel, "float32_file": "float32_model.pt"}
+    expected = cpu.serving_precision({**recorded, "speed": report["speed"]})
+    assert described["precision"] == expected
+    print(f"{archive} on this CPU: serving {expected['serving']} ({expected['reason']})")
 
 
 def build_reduced(name: str, tmp_path: Path, **changes: object) -> Path:

@@ -31,6 +31,8 @@ from torch.export import Dim
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "ts_handlers.json"  # name inside TorchScript's _extra_files
+# A reduced-precision archive also carries its float32 graph, under this prefix (cpu.py).
+FLOAT32_PREFIX = "float32_"
 
 
 Reference = Callable[..., torch.Tensor]
@@ -280,7 +282,7 @@ def load_artifact(
     """Loads the serialized model of an archive with the format its file name belongs to."""
     for factory in FORMATS.values():
         export_format = factory()
-        if serialized_file == export_format.file_name:
+        if serialized_file in (export_format.file_name, FLOAT32_PREFIX + export_format.file_name):
             return export_format.load(model_dir / serialized_file, device)
     raise ExportError(
         f"no format loads {serialized_file!r}; expected one of "
