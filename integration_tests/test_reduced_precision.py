@@ -105,6 +105,33 @@ def test_reduced_minilm_is_served_within_its_gate(inference, torchserve, encoded
     print(f"{archive} on this CPU: serving {expected['serving']} ({expected['reason']})")
 
 
+@pytest.mark.parametrize("archive", ["minilm_bf16", "minilm_int8"])
+def test_the_reduced_graph_itself_keeps_its_gate_on_heldout_text(
+    encoded, archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Where this CPU serves an archive's float32 graph (above), its reduced graph is still
+    checked on held-out text: in-process, the reduced graph forced as a fast CPU would load it."""
+    from ts_handlers.sentence_embedding import SentenceEmbeddingHandler
+
+    monkeypatch.setattr(cpu, "fast_here", lambda *_: (True, "forced by the test"))
+    monkeypatch.setattr(cpu, "instruction_sets", lambda: {"cpu_capability": "forced"})
+    texts, expected = encoded
+    model_dir = tmp_path / "model"
+    handler = SentenceEmbeddingHandler()
+    manifest = unpack_archive(require(MODEL_STORE / f"{archive}.mar"), model_dir)
+    handler.initialize(make_context(model_dir, manifest))
+    assert handler.describe()["precision"]["serving"] != "float32"
+    requests = [({"body": {"inputs": texts[i : i + 8]}}, {}) for i in range(0, len(texts), 8)]
+    answers = run_batch(handler, requests)
+    assert all(status == 200 for status, _, _ in answers)
+    served = np.array([vector for _, answer, _ in answers for vector in answer])
+    cosine = (served * expected).sum(axis=1) / (
+        np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    print(f"{archive}, its own graph: min cosine {cosine.min():.6f} over {len(texts)} texts")
+    assert cosine.min() >= MIN_COSINE[archive]
+
+
 def build_reduced(name: str, tmp_path: Path, **changes: object) -> Path:
     """archiver_configs/<name> at a reduced precision (bfloat16 unless changed), built here."""
     source = ROOT / "archiver_configs" / name

@@ -144,8 +144,7 @@ def test_reduced_archive_records_its_figures_and_serves_float32(
     monkeypatch.setattr(cpu, "fast_here", lambda *_: (False, "no fast kernel on this CPU"))
     fallback_handler = load_text_handler(mar_path, tmp_path / "model_fallback")
     assert fallback_handler.describe()["precision"] == {
-        "archive": served["archive"],
-        "kernel": served["kernel"],
+        **served,
         "serving": "float32",
         "reason": "no fast kernel on this CPU",
     }
@@ -264,7 +263,6 @@ def test_serving_precision_falls_back_where_the_cpu_is_not_fast(monkeypatch):
     monkeypatch.setattr(cpu, "fast_here", lambda *_: (False, "emulated here"))
     assert cpu.serving_precision(recorded) == {
         "archive": "bfloat16",
-        "kernel": None,
         "serving": "float32",
         "reason": "emulated here",
     }

@@ -74,7 +74,9 @@ def serving_precision(precision_metadata: dict[str, Any] | None) -> dict[str, An
     if not precision_metadata:
         return {"archive": "float32", "serving": "float32", "reason": "a float32 archive"}
     name = precision_metadata["name"]
-    choice = {"archive": name, "kernel": precision_metadata.get("kernel")}
+    choice = {"archive": name}
+    if precision_metadata.get("kernel"):
+        choice["kernel"] = precision_metadata["kernel"]
     fast, reason = fast_here(name, precision_metadata.get("kernel"))
     speed = precision_metadata.get("speed") or {}
     if fast and speed.get("instruction_sets") == instruction_sets():
