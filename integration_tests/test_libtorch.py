@@ -240,8 +240,8 @@ def tokenized_batch(handler: Any) -> tuple[list[Any], torch.Tensor, torch.Tensor
     return items, input_ids, attention_mask
 
 
-# The reduced-precision archives too: a bfloat16 graph and int8 layers (torch._int_mm) are
-# plain aten ops, so LibTorch runs them as Python does.
+# The reduced-precision archives too: a bfloat16 graph, and int8 layers on fbgemm's
+# quantized::linear_dynamic, which LibTorch carries as Python's torch does.
 @pytest.mark.parametrize("name", ["sentiment", "minilm", "minilm_bf16", "minilm_int8"])
 def test_text_model_runs_in_cpp_at_parity(runner, archive, record_property, name) -> None:
     text = archive(name)

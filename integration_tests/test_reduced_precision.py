@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from harness import body_headers, load_text_handler, make_context, run_batch, unpack_archive
 from serving import MODEL_STORE, ROOT, png_bytes, require
 
-from ts_handlers import precision
+from ts_handlers import cpu
 from ts_handlers.export import ExportError
 from ts_handlers.tools.build import REPORT_FILE, build_archive
 
@@ -80,11 +81,55 @@ def test_reduced_minilm_is_served_within_its_gate(inference, torchserve, encoded
     report = archive_report(MODEL_STORE / f"{archive}.mar")["verification"]["precision"]
     assert report["calibration"]["inputs"] == 400  # the texts of datasets/calibration.txt
     assert report["calibration"]["min_cosine"] >= MIN_COSINE[archive]
-    dtype = "bfloat16" if archive.endswith("bf16") else "float32"
-    assert report["cpu"] == precision.cpu_support(dtype)
+    name = "bfloat16" if archive.endswith("bf16") else "dynamic_int8"
+    kernel = report.get("recipe", {}).get("kernel")
+    if report["cpu"]["cpu_capability"] == cpu.instruction_sets()["cpu_capability"]:
+        assert report["cpu"]["fast"] == cpu.fast_here(name, kernel)[0]
+    assert {"short", "long"} == set(report["speed"]["cases"])  # timed by the build
     if archive.endswith("int8"):
         assert report["calibration"]["neighbour_agreement"] >= 0.98
         assert report["recipe"]["quantized_layers"] > len(report["recipe"]["float32_layers"])
+
+    # What runs here: the archive's precision where this CPU runs it fast, else float32.
+    response = requests.get(
+        f"{torchserve.management_url}/models/{archive}?customized=true",
+        headers=torchserve.auth_headers("management"),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    described = response.json()[0]["customizedMetadata"]
+    described = json.loads(described) if isinstance(described, str) else described
+    recorded = {"name": name, "kernel": kernel, "float32_file": "float32_model.pt"}
+    expected = cpu.serving_precision({**recorded, "speed": report["speed"]})
+    assert described["precision"] == expected
+    print(f"{archive} on this CPU: serving {expected['serving']} ({expected['reason']})")
+
+
+@pytest.mark.parametrize("archive", ["minilm_bf16", "minilm_int8"])
+def test_the_reduced_graph_itself_keeps_its_gate_on_heldout_text(
+    encoded, archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Where this CPU serves an archive's float32 graph (above), its reduced graph is still
+    checked on held-out text: in-process, the reduced graph forced as a fast CPU would load it."""
+    from ts_handlers.sentence_embedding import SentenceEmbeddingHandler
+
+    monkeypatch.setattr(cpu, "fast_here", lambda *_: (True, "forced by the test"))
+    monkeypatch.setattr(cpu, "instruction_sets", lambda: {"cpu_capability": "forced"})
+    texts, expected = encoded
+    model_dir = tmp_path / "model"
+    handler = SentenceEmbeddingHandler()
+    manifest = unpack_archive(require(MODEL_STORE / f"{archive}.mar"), model_dir)
+    handler.initialize(make_context(model_dir, manifest))
+    assert handler.describe()["precision"]["serving"] != "float32"
+    requests = [({"body": {"inputs": texts[i : i + 8]}}, {}) for i in range(0, len(texts), 8)]
+    answers = run_batch(handler, requests)
+    assert all(status == 200 for status, _, _ in answers)
+    served = np.array([vector for _, answer, _ in answers for vector in answer])
+    cosine = (served * expected).sum(axis=1) / (
+        np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    print(f"{archive}, its own graph: min cosine {cosine.min():.6f} over {len(texts)} texts")
+    assert cosine.min() >= MIN_COSINE[archive]
 
 
 def build_reduced(name: str, tmp_path: Path, **changes: object) -> Path:

@@ -28,6 +28,7 @@ from ts_handlers.metrics import (
     BATCH_INPUTS,
     BATCH_TOKENS,
     METRICS_CONFIG,
+    PRECISION,
     STAGE_SECONDS,
     BatchMetrics,
 )
@@ -43,6 +44,7 @@ OUR_METRICS = {
     BATCH_INPUTS: ("histogram", ["ModelName", "Level"]),
     BATCH_TOKENS: ("histogram", ["Kind", "ModelName", "Level"]),
     ANSWERS: ("counter", ["Status", "ModelName", "Level"]),
+    PRECISION: ("gauge", ["Archive", "Serving", "ModelName", "Level"]),
 }
 
 
@@ -168,6 +170,9 @@ def test_an_image_batch_counts_answers_inputs_and_stage_times(recorded):
     assert lines.by(ANSWERS, "Status") == {"200": 3, "415": 1, "400": 1}
     [inputs] = lines.named(BATCH_INPUTS)
     assert inputs.value == 3
+    [precision] = lines.named(PRECISION)  # a float32 archive serves float32
+    assert (precision.value, precision.dimensions["Archive"]) == (1, "float32")
+    assert precision.dimensions["Serving"] == "float32"
     stages = lines.by(STAGE_SECONDS, "Stage")
     assert set(stages) == {"decode", "forward", "encode"}  # an image task does not tokenize
     assert all(0 < seconds < 60 for seconds in stages.values())

@@ -36,6 +36,7 @@ from ts_handlers.config import (
     explain,
     load_config,
 )
+from ts_handlers.cpu import serving_precision
 from ts_handlers.errors import (
     InvalidInput,
     NotFound,
@@ -111,6 +112,8 @@ class TaskHandler(Generic[ConfigT]):
         self.model_dir: Path
         self.model: Callable[..., Any] | None = None
         self.export_metadata: dict[str, Any] = {}
+        # Which precision runs here, and why (cpu.serving_precision): describe and metrics say.
+        self.precision: dict[str, Any] = serving_precision(None)
         self.labels: list[str] | None = None
         # Explanation scheduling (see _explain): until when batches holding predictions run no
         # explanations, on this clock.
@@ -160,6 +163,17 @@ class TaskHandler(Generic[ConfigT]):
         model, self.export_metadata = load_artifact(
             self.model_dir, serialized, self.device, self.config
         )
+        self.precision = serving_precision(self.export_metadata.get("precision"))
+        if self.precision["serving"] != self.precision["archive"]:
+            fallback = self.export_metadata["precision"]["float32_file"]
+            model, _ = load_artifact(self.model_dir, fallback, self.device, self.config)
+        if self.precision["archive"] != "float32":
+            logger.info(
+                "serving %s (archive: %s): %s",
+                self.precision["serving"],
+                self.precision["archive"],
+                self.precision["reason"],
+            )
         return model
 
     def load_labels(self) -> list[str] | None:
@@ -223,6 +237,7 @@ class TaskHandler(Generic[ConfigT]):
             "config": without_paths(config),
             "labels": self.labels,
             "export": without_paths(self.export_metadata),
+            "precision": self.precision,
         }
 
     def route(self, path: str, request: Request) -> Decoded:
@@ -277,7 +292,7 @@ class TaskHandler(Generic[ConfigT]):
         if metrics is not None:
             elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
             metrics.add_time("HandlerTime", elapsed_ms, None, "ms")
-        report(context, self.batch_metrics, len(answers))
+        report(context, self.batch_metrics, len(answers), self.precision)
         return answers
 
     def _handle(self, data: list[Any], context: Any) -> list[Any]:

@@ -34,6 +34,8 @@ from torch.export import Dim
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "ts_handlers.json"  # name inside TorchScript's _extra_files
+# A reduced-precision archive also carries its float32 graph, under this prefix (cpu.py).
+FLOAT32_PREFIX = "float32_"
 
 
 Reference = Callable[..., torch.Tensor]
@@ -303,7 +305,7 @@ def load_artifact(
     ``config``, the archive's parsed config, carries the format's serving settings."""
     for factory in FORMATS.values():
         export_format = factory()
-        if serialized_file == export_format.file_name:
+        if serialized_file in (export_format.file_name, FLOAT32_PREFIX + export_format.file_name):
             if config is not None:
                 export_format.configure(config)
             return export_format.load(model_dir / serialized_file, device)

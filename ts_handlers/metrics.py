@@ -33,6 +33,8 @@ STAGE_SECONDS = "ts_handlers_stage_seconds"
 BATCH_INPUTS = "ts_handlers_batch_inputs"
 BATCH_TOKENS = "ts_handlers_batch_tokens"
 ANSWERS = "ts_handlers_answers_total"
+# 1 per batch, labelled with the archive's precision and the one this CPU serves (cpu.py).
+PRECISION = "ts_handlers_precision"
 INPUT_TOKENS, PADDED_TOKENS = "input", "padded"
 # TorchServe's Level for the metrics of a model's requests (what its add_* methods set).
 LEVEL = "Model"
@@ -78,7 +80,9 @@ class StageTimer:
         self.batch.add_time(self.stage, time.perf_counter() - self.started)
 
 
-def report(context: Any, batch: BatchMetrics, answers: int) -> None:
+def report(
+    context: Any, batch: BatchMetrics, answers: int, precision: dict[str, Any] | None = None
+) -> None:
     """Hands the batch's figures and its ``answers`` statuses to ``context.metrics``.
 
     A context without TorchServe's metrics cache (``add_metric``), as in unit tests, gets
@@ -88,7 +92,7 @@ def report(context: Any, batch: BatchMetrics, answers: int) -> None:
     if getattr(metrics, "add_metric", None) is None:
         return
     try:
-        _report(metrics, context.model_name, batch, _statuses(context, answers))
+        _report(metrics, context.model_name, batch, _statuses(context, answers), precision)
     except Exception:
         global _reported_failure
         if not _reported_failure:  # once per worker: a broken setup would flood the log
@@ -101,7 +105,13 @@ def _statuses(context: Any, answers: int) -> Counter[int]:
     return Counter(context.get_response_status(index)[0] for index in range(answers))
 
 
-def _report(metrics: Any, model_name: str, batch: BatchMetrics, statuses: Counter[int]) -> None:
+def _report(
+    metrics: Any,
+    model_name: str,
+    batch: BatchMetrics,
+    statuses: Counter[int],
+    precision: dict[str, Any] | None = None,
+) -> None:
     # TorchServe's own types, imported here: the worker has loaded them already, and importing
     # this module stays free of TorchServe.
     from ts.metrics.dimension import Dimension
@@ -125,6 +135,9 @@ def _report(metrics: Any, model_name: str, batch: BatchMetrics, statuses: Counte
             metrics.add_metric(
                 BATCH_TOKENS, tokens, "count", None, dimensions(("Kind", kind)), histogram
             )
+    if precision and batch.inputs:
+        labels = (("Archive", precision["archive"]), ("Serving", precision["serving"]))
+        metrics.add_metric(PRECISION, 1, "count", None, dimensions(*labels), MetricTypes.GAUGE)
     for status, count in statuses.items():
         metrics.add_metric(
             ANSWERS, count, "count", None, dimensions(("Status", str(status))), counter

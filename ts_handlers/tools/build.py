@@ -36,7 +36,7 @@ from typing import Any
 
 from ts_handlers import precision
 from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
-from ts_handlers.export import ExportError, ExportPlan, format_for, verify
+from ts_handlers.export import FLOAT32_PREFIX, ExportError, ExportPlan, format_for, verify
 from ts_handlers.labels import LABELS_FILE, read_labels
 from ts_handlers.tasks import load_task_config, tasks
 
@@ -229,11 +229,80 @@ def _export(
         # Every shape verified: pad per batch, unless the config itself asks for max_length.
         plan.resolved.setdefault("pad_to_max_length", getattr(config, "pad_to_max_length", False))
     seconds["verify"] = time.perf_counter() - started
+    metadata = {"verification": verification, **plan.metadata, **plan.resolved}
+    if reduced:
+        fixed = "fixed_shape" in verification
+        metadata["precision"] = _float32_fallback(
+            config, plan, exported, export_format, files, precision_report, seconds, fixed
+        )
     path = files / export_format.file_name
-    export_format.save(
-        exported, path, {"verification": verification, **plan.metadata, **plan.resolved}
-    )
+    export_format.save(exported, path, metadata)
     return path, verification
+
+
+def _float32_fallback(
+    config: HandlerConfig,
+    plan: ExportPlan,
+    exported: Any,
+    export_format: Any,
+    files: Path,
+    precision_report: dict[str, Any],
+    seconds: dict[str, float],
+    fixed_shape: bool,
+) -> dict[str, Any]:
+    """Exports, verifies and saves the float32 graph a reduced archive also carries, and times
+    both graphs on this CPU: the handler serves the float32 one where the reduced one is not
+    fast (ts_handlers/cpu.py)."""
+    assert plan.model is not None
+    started = time.perf_counter()
+    inputs = plan.fixed_shape_inputs if fixed_shape else plan.verify_inputs
+    reference = (plan.fixed_shape_reference if fixed_shape else None) or plan.reference
+    # A TorchScript trace first: seconds where AOTInductor compiles for minutes, and as fast in
+    # float32 (docs/performance.md); the archive's own format where the trace does not hold.
+    candidates = [(export_format, config.export_method)]
+    if export_format.name != "torchscript":
+        candidates.insert(0, (format_for("torchscript", freeze=config.freeze), "trace"))
+    failures = []
+    for fallback_format, method in candidates:
+        print(f"exporting the float32 fallback ({fallback_format.name})", flush=True)
+        try:
+            float32_graph = fallback_format.export(plan.model, plan, method)
+        except ExportError as error:
+            failures.append(f"{fallback_format.name}: {error}")
+            continue
+        report = verify(reference or plan.model, float32_graph, inputs, config.verify_atol)
+        if report.passed:
+            break
+        failures.append(f"{fallback_format.name}:\n{report.summary()}")
+    else:
+        raise ExportError("no float32 fallback verifies against eager:\n" + "\n".join(failures))
+    precision_report["float32_fallback"] = {
+        "format": fallback_format.name,
+        "max_abs_diff": report.max_abs_diff,
+    }
+    file_name = FLOAT32_PREFIX + fallback_format.file_name
+    fallback_format.save(float32_graph, files / file_name, {**plan.metadata, **plan.resolved})
+    seconds["float32_fallback"] = time.perf_counter() - started
+    started = time.perf_counter()
+    name = precision.precision_name(config)
+    speed = precision.measure_speed(float32_graph, exported, plan)
+    seconds["speed"] = time.perf_counter() - started
+    precision_report["speed"] = speed
+    print(precision.speed_summary(name, speed))
+    slower = [case for case, figures in speed["cases"].items() if figures["ratio"] < 1.0]
+    if slower:
+        warning = (
+            f"{name} ran slower than float32 on this CPU ({', '.join(slower)}): the handler "
+            "serves the float32 graph on CPUs with these instruction sets"
+        )
+        precision_report.setdefault("warnings", []).append(warning)
+        print(f"WARNING: {warning}")
+    return {
+        "name": name,
+        "kernel": precision_report.get("recipe", {}).get("kernel"),
+        "float32_file": file_name,
+        "speed": speed,
+    }
 
 
 def _embed_package(files: Path, handler: str) -> str:
