@@ -28,6 +28,8 @@ _ISA_CHECKS: dict[str, Callable[[], bool]] = {
 # The int8 kernels precision.py can build a graph with, and what each needs to be fast.
 FBGEMM = "fbgemm"  # quantized::linear_dynamic, prepacked weights: AVX2 and AVX-512 (and VNNI)
 INT_MM = "int_mm"  # torch._int_mm, int8 x int8 -> int32: fast only with VNNI or AMX
+# ONNX Runtime's MatMulInteger on MLAS (save_mode onnx): u8 x s8 kernels for AVX2 and AVX-512.
+ONNXRUNTIME_MLAS = "onnxruntime_mlas"
 
 
 def instruction_sets() -> dict[str, Any]:
@@ -57,6 +59,10 @@ def fast_here(precision: str, kernel: str | None = None) -> tuple[bool, str]:
         if "fbgemm" in torch.backends.quantized.supported_engines and isa["AVX2"]:
             return True, f"this CPU ({cpu}) runs fbgemm's int8 kernels"
         return False, f"this CPU ({cpu}) has no fbgemm int8 kernels (they need AVX2)"
+    if precision == "dynamic_int8" and kernel == ONNXRUNTIME_MLAS:
+        if isa["AVX2"]:
+            return True, f"this CPU ({cpu}) runs ONNX Runtime's MLAS int8 kernels"
+        return False, f"this CPU ({cpu}) has no AVX2 for ONNX Runtime's MLAS int8 kernels"
     if precision == "dynamic_int8" and kernel == INT_MM:
         if isa["AVX512_VNNI"] or isa["AMX_TILE"]:
             return True, f"this CPU ({cpu}) has int8 dot products (VNNI or AMX) for torch._int_mm"

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from ts_handlers import precision
+from ts_handlers import cpu, precision
 from ts_handlers.config import ConfigError, OnnxRuntimeConfig
 from ts_handlers.export import METADATA_FILE, ExportError, ExportPlan
 from ts_handlers.onnx_format import ONNXModel, session_from_bytes
@@ -354,6 +354,7 @@ def quantize_int8(
     kept = ranking[:count]
     recipe = {
         "method": INT8_METHOD,
+        "kernel": cpu.ONNXRUNTIME_MLAS,
         "quantized_layers": len(layers) - count,
         "float32_layers": [layers[name] for name in kept],
         "layer_choice": "ranked by each layer's own int8 output error over the calibration "
