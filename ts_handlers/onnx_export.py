@@ -237,11 +237,9 @@ class SmoothedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, input_absmax: torch.Tensor, alpha: float) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        smooth = input_absmax.clamp(min=1e-5) ** alpha
-        smooth = (smooth / weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)).clamp(1e-5)
-        self.register_buffer("inverse_smooth", 1.0 / smooth)
-        self.weight = nn.Parameter(weight * smooth, requires_grad=False)
+        weight, inverse_smooth = precision.smoothed_weight(linear, input_absmax, alpha)
+        self.register_buffer("inverse_smooth", inverse_smooth)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,26 +251,7 @@ def smoothed(model: nn.Module, plan: ExportPlan, alpha: float) -> nn.Module:
     import copy
 
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    absmax: dict[str, torch.Tensor] = {}
-
-    def recorder(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().float()
-            largest = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
-            absmax[name] = torch.maximum(absmax[name], largest) if name in absmax else largest
-
-        return hook
-
-    hooks = [
-        model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in linears
-    ]
-    try:
-        with torch.inference_mode():
-            for inputs in plan.calibration_inputs:
-                model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    absmax = precision.input_ranges(model, linears, plan.calibration_inputs)
     copied = copy.deepcopy(model).eval()
     for name in linears:
         if name not in absmax:  # never runs (BERT's pooler, say): nothing to smooth

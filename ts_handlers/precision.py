@@ -422,7 +422,7 @@ SMOOTHING_ALPHA = 0.7
 RANKING_STRIDE = 6
 
 
-def _smoothed(
+def smoothed_weight(
     linear: nn.Linear, input_absmax: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SmoothQuant (Xiao et al., 2023): the weight with each input channel's outlier range
@@ -450,7 +450,7 @@ class FbgemmInt8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, input_absmax: torch.Tensor, alpha: float) -> None:
         super().__init__()
-        weight, inverse_smooth = _smoothed(linear, input_absmax, alpha)
+        weight, inverse_smooth = smoothed_weight(linear, input_absmax, alpha)
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
         quantized = torch.quantize_per_channel(
             weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8
@@ -485,7 +485,7 @@ class Int8Linear(nn.Module):
         self, linear: nn.Linear, input_absmax: torch.Tensor, alpha: float, simulate: bool = False
     ) -> None:
         super().__init__()
-        weight, inverse_smooth = _smoothed(linear, input_absmax, alpha)
+        weight, inverse_smooth = smoothed_weight(linear, input_absmax, alpha)
         weight_scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
         quantized = (weight / weight_scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         self.simulate = simulate
@@ -542,7 +542,7 @@ def quantize_dynamic_int8(
     if kernel not in KERNELS:
         raise ValueError(f"unknown int8 kernel {kernel!r}; available: {', '.join(KERNELS)}")
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    absmax = _input_ranges(model, linears, calibration_inputs)
+    absmax = input_ranges(model, linears, calibration_inputs)
     linears = [name for name in linears if name in absmax]  # BERT's pooler never runs, say
     if not linears:
         raise ValueError("dynamic_int8 quantizes nn.Linear layers, and the model runs none")
@@ -570,7 +570,7 @@ def quantize_dynamic_int8(
     return quantized, recipe
 
 
-def _input_ranges(
+def input_ranges(
     model: nn.Module, linears: Sequence[str], calibration_inputs: Sequence[tuple[torch.Tensor, ...]]
 ) -> dict[str, torch.Tensor]:
     """Each layer's largest input |value| per channel over the calibration set."""
