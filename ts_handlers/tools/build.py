@@ -34,7 +34,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ts_handlers import precision
+from ts_handlers import cpu, precision
 from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
 from ts_handlers.export import FLOAT32_PREFIX, ExportError, ExportPlan, format_for, verify
 from ts_handlers.labels import LABELS_FILE, read_labels
@@ -289,11 +289,13 @@ def _float32_fallback(
     seconds["speed"] = time.perf_counter() - started
     precision_report["speed"] = speed
     print(precision.speed_summary(name, speed))
-    slower = [case for case, figures in speed["cases"].items() if figures["ratio"] < 1.0]
+    slower = [
+        case for case, figures in speed["cases"].items() if figures["ratio"] < cpu.MIN_SPEEDUP
+    ]
     if slower:
         warning = (
-            f"{name} ran slower than float32 on this CPU ({', '.join(slower)}): the handler "
-            "serves the float32 graph on CPUs with these instruction sets"
+            f"{name} ran under {cpu.MIN_SPEEDUP:g}x float32 on this CPU ({', '.join(slower)}): "
+            "the handler serves the float32 graph on CPUs with these instruction sets"
         )
         precision_report.setdefault("warnings", []).append(warning)
         print(f"WARNING: {warning}")
