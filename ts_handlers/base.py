@@ -119,9 +119,9 @@ class TaskHandler(Generic[ConfigT]):
         # explanations, on this clock.
         self._clock: Callable[[], float] = time.monotonic
         self._predictions_first_until = 0.0
-        # The KServe protocol of each request of the batch being handled, by index: its errors
-        # are written in that protocol's error body.
-        self._kserve: dict[int, KServeRequest | OpenAIEmbeddings] = {}
+        # The wire protocol (KServe v1/v2, OpenAI) of each request of the batch being handled, by
+        # index: its errors are written in that protocol's error body.
+        self._wire: dict[int, KServeRequest | OpenAIEmbeddings] = {}
         # The current batch's stage times and sizes (ts_handlers/metrics.py).
         self.batch_metrics = BatchMetrics()
 
@@ -297,7 +297,7 @@ class TaskHandler(Generic[ConfigT]):
 
     def _handle(self, data: list[Any], context: Any) -> list[Any]:
         self.context = context
-        self._kserve = {}
+        self._wire = {}
         answers: list[Any] = [None] * len(data)
         decoded: dict[int, Decoded] = {}
         explain: dict[int, tuple[Decoded, int]] = {}
@@ -365,30 +365,32 @@ class TaskHandler(Generic[ConfigT]):
         path = str(request.headers.get("url_path") or "").strip("/")
         if path == EMBEDDINGS_PATH:
             # Recognised by its route before the body is read: every error is OpenAI's shape.
-            wire = self._kserve[index] = OpenAIEmbeddings()
+            wire = self._wire[index] = OpenAIEmbeddings()
             return wire.decode(self, request)
         if path:
             return self.route(path, request)
         payload = None
         if request.looks_like_json() and _opens_json_container(request.body):
             if isinstance(request.body, dict):  # TorchServe parsed it: recognised before checks
-                self._kserve_error_body(index, request.body)
+                self._remember_kserve_protocol(index, request.body)
             payload = request.json()
             kserve = recognise(payload)
             if kserve is not None:
-                self._kserve[index] = kserve  # from here on its errors are in its own body
+                self._wire[index] = kserve  # from here on its errors are in its own body
                 return kserve.decode(self, request)
             if self.openai_embeddings and is_openai_body(payload):
-                wire = self._kserve[index] = OpenAIEmbeddings(payload)
+                wire = self._wire[index] = OpenAIEmbeddings(payload)
                 return wire.decode(self, request)
         if isinstance(payload, dict | list) and not isinstance(request.body, dict | list):
             request = replace(request, body=payload)
         return self.decode(request)
 
-    def _kserve_error_body(self, index: int, payload: dict[str, Any]) -> None:
+    def _remember_kserve_protocol(self, index: int, payload: dict[str, Any]) -> None:
+        """Notes the KServe protocol of a body TorchServe already parsed, before any check
+        runs on it, so that a check's error is written in that protocol's error body."""
         kserve = recognise(payload)
         if kserve is not None:
-            self._kserve[index] = kserve
+            self._wire[index] = kserve
 
     def _encode(self, outputs: list[Any], item: Decoded) -> Any:
         """The task's answer, wrapped in the request's KServe protocol when it came in one."""
@@ -559,8 +561,8 @@ class TaskHandler(Generic[ConfigT]):
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
         if isinstance(error, TooManyRequests):
             context.set_response_header(index, "Retry-After", str(error.retry_after))
-        if index in self._kserve:  # the protocol's own error body
-            return _wire_error(self._kserve[index], error.status, error.error_type, error.message)
+        if index in self._wire:  # the protocol's own error body
+            return _wire_error(self._wire[index], error.status, error.error_type, error.message)
         return error.to_json()
 
     def _internal_error(self, context: Any, index: int) -> str:
@@ -568,8 +570,8 @@ class TaskHandler(Generic[ConfigT]):
         context.set_response_status(int(status), status.phrase, index)
         context.set_response_content_type(index, JSON_CONTENT_TYPE)
         message = "the model failed on this request"
-        if index in self._kserve:
-            return _wire_error(self._kserve[index], status, "InternalServerError", message)
+        if index in self._wire:
+            return _wire_error(self._wire[index], status, "InternalServerError", message)
         return error_body(status, "InternalServerError", message)
 
     @staticmethod
