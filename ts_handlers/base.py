@@ -29,6 +29,7 @@ import orjson
 import torch
 from pydantic import ValidationError
 
+from ts_handlers import worker_protocol
 from ts_handlers.config import (
     SETUP_CONFIG_FILE,
     HandlerConfig,
@@ -634,6 +635,9 @@ def entry_point(handler_class: type[TaskHandler]) -> Callable[[Any, Any], list[A
     def handle(data: Any, context: Any) -> list[Any] | None:
         nonlocal instance
         if instance is None:
+            # Model load, in the worker, before any inference message: bound TorchServe's own
+            # reading of form fields (worker_protocol.py, docs/security.md).
+            worker_protocol.install()
             candidate = handler_class()
             candidate.initialize(context)
             instance = candidate

@@ -63,6 +63,10 @@ MAX_NUMBER_CHARS = 64
 # Form fields (multipart parts or urlencoded pairs) one request may carry: the body and a few
 # options. TorchServe hands every field over as its own parameter; more: 413 before any is read.
 MAX_FORM_FIELDS = 64
+# The request header in which ts_handlers.worker_protocol, reading a request in TorchServe's
+# worker, hands on how many form fields it counted when there were more than MAX_FORM_FIELDS
+# (it keeps only MAX_FORM_FIELDS + 1 of them). It drops any copy a client sends.
+FORM_FIELDS_HEADER = "ts-handlers-form-fields"
 
 
 @dataclass(frozen=True)
@@ -91,15 +95,16 @@ class Request:
             if isinstance(value, str)
         }
         encoding = headers.get("content-encoding", "")
+        fields = _counted_form_fields(headers.get(FORM_FIELDS_HEADER))
+        if fields is not None or (isinstance(row, Mapping) and len(row) > MAX_FORM_FIELDS):
+            raise PayloadTooLarge(
+                f"the request has {fields or len(row)} form fields; the limit is "
+                f"{MAX_FORM_FIELDS} (payload.MAX_FORM_FIELDS): send the input as the body, or "
+                'as one field named "data", with the options beside it'
+            )
         if not isinstance(row, Mapping):
             body = decode_content(row, encoding, max_decompressed)
             return cls(body=body, content_type=content_type, headers=headers)
-        if len(row) > MAX_FORM_FIELDS:
-            raise PayloadTooLarge(
-                f"the request has {len(row)} form fields; the limit is {MAX_FORM_FIELDS} "
-                "(payload.MAX_FORM_FIELDS): send the input as the body, or as one field named "
-                '"data", with the options beside it'
-            )
         body_key = next((key for key in BODY_KEYS if key in row), None)
         params = {key: _param_text(value) for key, value in row.items() if key != body_key}
         body = decode_content(row.get(body_key) if body_key else None, encoding, max_decompressed)
@@ -161,6 +166,14 @@ class Request:
             return True
         head = self.body[:1] if isinstance(self.body, bytes | bytearray | str) else b""
         return head in (b"{", b"[", "{", "[")
+
+
+def _counted_form_fields(value: str | None) -> int | None:
+    """The form-field count worker_protocol handed on, when over the limit; else None."""
+    if value is None or not value.isdigit() or len(value) > 12:
+        return None
+    count = int(value)
+    return count if count > MAX_FORM_FIELDS else None
 
 
 def reject_unknown_fields(payload: Mapping[str, Any], accepted: Iterable[str]) -> None:
