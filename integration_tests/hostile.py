@@ -93,6 +93,19 @@ def form_fields(count: int = 740_000) -> bytes:
     return b"&".join([b"x"] * count)
 
 
+def form_distinct_fields(count: int = 600_000) -> bytes:
+    return b"&".join(b"%d" % index for index in range(count))
+
+
+MULTIPART_BOUNDARY = "b"
+
+
+def multipart_parts(count: int = 100_000) -> bytes:
+    """Empty parts of one multipart/form-data body: each becomes a parameter of its own."""
+    part = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
+    return part * count + b"--b--\r\n"
+
+
 def v1_many_instances(count: int = 430_000) -> bytes:
     return b'{"instances":[' + b",".join([b'{"b64":"AA=="}'] * count) + b"]}"
 
@@ -205,7 +218,21 @@ def cases() -> list[Hostile]:
             "sentiment",
             form_fields(),
             {"Content-Type": "application/x-www-form-urlencoded"},
-            (400, 413),
+            (413,),
+        ),
+        Hostile(
+            "form: 600,000 distinct fields",
+            "sentiment",
+            form_distinct_fields(),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            (413,),
+        ),
+        Hostile(
+            "multipart: 100,000 empty parts",
+            "sentiment",
+            multipart_parts(),
+            {"Content-Type": f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"},
+            (413,),
         ),
         Hostile(
             "KServe v1: 430,000 base64 instances",
