@@ -141,7 +141,8 @@ def main() -> None:
 
     print(
         f"{args.label}: ts_handlers from {Path(ts_handlers.__file__).parent}; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     store = ROOT / "model_store"
     with LocalTorchServe(store, [f"{model}.mar" for model in MODELS]) as server:
@@ -161,6 +162,7 @@ def main() -> None:
                 f"{'yes' if row['died'] else 'no'} |",
                 flush=True,
             )
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -187,9 +187,14 @@ def cases() -> list[Hostile]:
         Hostile(
             "v2: shape of 1,500,000 strings", "sentiment", v2_long_shape(), JSON, v2, kserve=True
         ),
-        # Refused while the JSON is parsed, before the protocol is recognised: the plain body.
+        # Refused while the JSON is parsed, and still answered in KServe's error body.
         Hostile(
-            "v2: shape of two 3,000-digit integers", "sentiment", v2_wide_dimensions(), JSON, v2
+            "v2: shape of two 3,000-digit integers",
+            "sentiment",
+            v2_wide_dimensions(),
+            JSON,
+            v2,
+            kserve=True,
         ),
         Hostile(
             "v2: shape of 1,500 4,299-digit integers",
@@ -197,6 +202,7 @@ def cases() -> list[Hostile]:
             v2_wide_dimensions(4299, 1500),
             JSON,
             v2,
+            kserve=True,
         ),
         Hostile(
             "ICO: 16x16 claimed around an 11000x11000 PNG",

@@ -157,6 +157,21 @@ class Request:
             return self.body  # a bare JSON string TorchServe decoded: not JSON to parse again
         return parse_json(self.text())
 
+    def json_structure(self) -> Any:
+        """The body's JSON structure when :meth:`json` refused it for a number, a constant or
+        a repeated key, else None: numbers read as 0, never converted; the last of a repeated
+        key kept. What a KServe body needs to be recognised, so that its error is written in
+        its protocol's error body. One more linear parse, only for a body already refused."""
+        if not isinstance(self.body, bytes | bytearray | str):
+            return None
+        try:
+            text = self.text()
+            if json_depth(text) > MAX_JSON_DEPTH:
+                return None
+            return json.loads(text, parse_constant=_zero, parse_float=_zero, parse_int=_zero)
+        except (InvalidInput, ValueError, RecursionError):
+            return None
+
     def looks_like_json(self) -> bool:
         if isinstance(self.body, dict | list):
             return True
@@ -299,6 +314,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 )
             seen.add(key)
     return result
+
+
+def _zero(text: str) -> int:
+    return 0
 
 
 def _reject_constant(name: str) -> Any:
