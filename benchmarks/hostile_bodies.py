@@ -75,16 +75,27 @@ def worker_pid(server: LocalTorchServe, model: str, wait_s: float = 180) -> int:
         time.sleep(0.5)
 
 
+def parent_pid(pid: int) -> int:
+    """The worker's parent: the frontend's Java process, which starts every worker."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def measure(server: LocalTorchServe, session: requests.Session, case) -> dict:
     pid = worker_pid(server, case.model)
+    frontend = parent_pid(pid)
     _, log_offset = backend_ms(server, 0)
-    baseline = rss_kib(pid)
-    peak = [baseline]
+    baseline, frontend_baseline = rss_kib(pid), rss_kib(frontend)
+    peak = [baseline, frontend_baseline]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], rss_kib(pid))
+            peak[1] = max(peak[1], rss_kib(frontend))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
@@ -118,6 +129,8 @@ def measure(server: LocalTorchServe, session: requests.Session, case) -> dict:
         "seconds": elapsed,
         "good": good_status,
         "rss_mb": (peak[0] - baseline) / 1024,
+        # The JVM keeps a heap it grew, so a later case may show less than it needs.
+        "frontend_rss_mb": (peak[1] - frontend_baseline) / 1024,
         "backend_s": backend / 1000 if backend >= 0 else float("nan"),
         "died": after != pid,
     }
@@ -150,15 +163,15 @@ def main() -> None:
         session.headers.update(server.auth_headers())
         print(
             "| request | bytes | answer | s | of which the worker's batch | neighbour "
-            "| worker RSS growth | worker died |"
+            "| worker RSS growth | frontend RSS growth | worker died |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for case in selected:
             row = measure(server, session, case)
             print(
                 f"| {row['case']} | {row['bytes']:,} | {row['status']} `{row['answer']}` | "
                 f"{row['seconds']:.2f} | {row['backend_s']:.2f} | {row['good']} | "
-                f"{row['rss_mb']:+.0f} MB | "
+                f"{row['rss_mb']:+.0f} MB | {row['frontend_rss_mb']:+.0f} MB | "
                 f"{'yes' if row['died'] else 'no'} |",
                 flush=True,
             )

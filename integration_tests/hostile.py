@@ -227,6 +227,13 @@ def cases() -> list[Hostile]:
             (413,),
         ),
         Hostile(
+            "form: 3,270,000 empty fields, at max_request_size",
+            "sentiment",
+            form_fields(MAX_REQUEST_SIZE // 2 - 6_750),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            (413,),
+        ),
+        Hostile(
             "form: 600,000 distinct fields",
             "sentiment",
             form_distinct_fields(),
