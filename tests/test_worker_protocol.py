@@ -195,6 +195,16 @@ def test_hundreds_of_thousands_of_fields_are_counted_not_kept(connection):
     assert ours["headers"] == [{"name": FORM_FIELDS_HEADER.encode(), "value": b"300000"}]
 
 
+def test_a_clients_copy_of_the_count_header_never_reaches_the_handler(connection):
+    headers = [(b"TS-Handlers-Form-Fields", b"999"), (b"Content-Type", b"text/plain")]
+    request = (b"r", headers, [(b"body", b"text/plain", b"the film")])
+    message = batch_frames([request])
+    (expected,) = read_batch(TORCHSERVE, connection(message))
+    (ours,) = read_batch(OURS, connection(message))
+    assert ours["headers"] == expected["headers"][1:]
+    assert ours["parameters"] == expected["parameters"]
+
+
 def test_a_frontend_gone_mid_request_exits_as_torchserve_does(connection):
     message = batch_frames([(b"r", [], form(1000))])
     for reader in (TORCHSERVE, OURS):

@@ -65,7 +65,8 @@ MAX_NUMBER_CHARS = 64
 MAX_FORM_FIELDS = 64
 # The request header in which ts_handlers.worker_protocol, reading a request in TorchServe's
 # worker, hands on how many form fields it counted when there were more than MAX_FORM_FIELDS
-# (it keeps only MAX_FORM_FIELDS + 1 of them). It drops any copy a client sends.
+# (it keeps only MAX_FORM_FIELDS + 1 of them). It drops any copy a client sends; where it is
+# not installed (another TorchServe), a client's copy can only refuse that client's request.
 FORM_FIELDS_HEADER = "ts-handlers-form-fields"
 
 

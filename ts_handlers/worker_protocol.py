@@ -14,7 +14,7 @@ cost the worker about 14 s and 178 MB, which no handler code can refuse (docs/se
   microsecond of Python, not six system calls, and no byte past the request is ever consumed;
 * it keeps at most ``payload.MAX_FORM_FIELDS + 1`` parameters and only counts the rest, and
   hands the count to the handler as the request header :data:`payload.FORM_FIELDS_HEADER`
-  (added after the client's headers, and any copy the client sent dropped), so the handler
+  (added after the client's headers; a copy sent by a client is always dropped), so the handler
   answers its usual 413 naming the count and the limit, with bounded memory.
 
 Everything else is TorchServe's own code: the request id, headers and kept parameters are read
@@ -167,16 +167,15 @@ def retrieve_request(conn: Any) -> dict[str, Any] | None:
             return None
         request: dict[str, Any] = {"requestId": otf._retrieve_buffer(stream, length)}
         headers = []
+        name = FORM_FIELDS_HEADER.encode()
         while (header := otf._retrieve_reqest_header(stream)) is not None:
-            headers.append(header)
+            if bytes(header["name"]).lower() != name:  # the handler trusts ours alone
+                headers.append(header)
         parameters = []
         while (parameter := otf._retrieve_input_data(stream)) is not None:
             parameters.append(parameter)
             if len(parameters) > MAX_FORM_FIELDS:
                 count = len(parameters) + stream.skip_parameters()
-                # The handler trusts this header, so a client's own copy never reaches it.
-                name = FORM_FIELDS_HEADER.encode()
-                headers = [entry for entry in headers if bytes(entry["name"]).lower() != name]
                 headers.append({"name": name, "value": str(count).encode()})
                 break
         request["headers"] = headers
