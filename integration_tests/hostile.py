@@ -93,6 +93,19 @@ def form_fields(count: int = 740_000) -> bytes:
     return b"&".join([b"x"] * count)
 
 
+def form_distinct_fields(count: int = 600_000) -> bytes:
+    return b"&".join(b"%d" % index for index in range(count))
+
+
+MULTIPART_BOUNDARY = "b"
+
+
+def multipart_parts(count: int = 100_000) -> bytes:
+    """Empty parts of one multipart/form-data body: each becomes a parameter of its own."""
+    part = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n\r\n'
+    return part * count + b"--b--\r\n"
+
+
 def v1_many_instances(count: int = 430_000) -> bytes:
     return b'{"instances":[' + b",".join([b'{"b64":"AA=="}'] * count) + b"]}"
 
@@ -174,9 +187,14 @@ def cases() -> list[Hostile]:
         Hostile(
             "v2: shape of 1,500,000 strings", "sentiment", v2_long_shape(), JSON, v2, kserve=True
         ),
-        # Refused while the JSON is parsed, before the protocol is recognised: the plain body.
+        # Refused while the JSON is parsed, and still answered in KServe's error body.
         Hostile(
-            "v2: shape of two 3,000-digit integers", "sentiment", v2_wide_dimensions(), JSON, v2
+            "v2: shape of two 3,000-digit integers",
+            "sentiment",
+            v2_wide_dimensions(),
+            JSON,
+            v2,
+            kserve=True,
         ),
         Hostile(
             "v2: shape of 1,500 4,299-digit integers",
@@ -184,6 +202,7 @@ def cases() -> list[Hostile]:
             v2_wide_dimensions(4299, 1500),
             JSON,
             v2,
+            kserve=True,
         ),
         Hostile(
             "ICO: 16x16 claimed around an 11000x11000 PNG",
@@ -205,7 +224,28 @@ def cases() -> list[Hostile]:
             "sentiment",
             form_fields(),
             {"Content-Type": "application/x-www-form-urlencoded"},
-            (400, 413),
+            (413,),
+        ),
+        Hostile(
+            "form: 3,270,000 empty fields, at max_request_size",
+            "sentiment",
+            form_fields(MAX_REQUEST_SIZE // 2 - 6_750),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            (413,),
+        ),
+        Hostile(
+            "form: 600,000 distinct fields",
+            "sentiment",
+            form_distinct_fields(),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            (413,),
+        ),
+        Hostile(
+            "multipart: 100,000 empty parts",
+            "sentiment",
+            multipart_parts(),
+            {"Content-Type": f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"},
+            (413,),
         ),
         Hostile(
             "KServe v1: 430,000 base64 instances",

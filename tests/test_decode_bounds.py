@@ -202,9 +202,29 @@ def test_a_v2_body_is_bounded_before_validation(classifier, case, decode):
         row = {"body": json.loads(body)}
     results = run_batch(classifier, [(row, JSON), GOOD_TEXT])
     assert_refused(results[0], status, words)
-    if decode or "longer than" not in words:  # raw: refused while parsing, before recognition
-        assert set(results[0][1]) == {"error"}  # KServe's error body
+    assert set(results[0][1]) == {"error"}  # KServe's error body, even when refused while parsing
     assert results[1][0] == 200
+
+
+REFUSED_WHILE_PARSING = {
+    "v1, a 70-digit number": (b'{"instances": [' + b"9" * 70 + b"]}", "longer than 64"),
+    "v1, a long float": (b'{"instances": ["a"], "x": 0.' + b"1" * 80 + b"}", "longer than 64"),
+    "v1, NaN": (b'{"instances": [NaN]}', "NaN and Infinity"),
+    "v2, a repeated key": (v2_body("[1]", extra=',"name":"y"'), "repeats the key"),
+    "v2, a 3,000-digit dimension": (v2_body("[" + "9" * 3000 + "]"), "longer than 64"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_WHILE_PARSING)
+def test_a_kserve_body_refused_while_parsing_gets_the_kserve_error_body(classifier, case):
+    body, words = REFUSED_WHILE_PARSING[case]
+    plain = b'{"inputs": ["a"], "top_k": ' + b"9" * 70 + b"}"  # the task's own form: plain body
+    results = run_batch(classifier, [raw(body), raw(plain), GOOD_TEXT])
+    assert_refused(results[0], 400, words)
+    assert set(results[0][1]) == {"error"}, results[0][1]
+    assert_refused(results[1], 400, "longer than 64")
+    assert set(results[1][1]) == {"code", "type", "message"}
+    assert results[2][0] == 200
 
 
 def test_validation_errors_are_the_first_few_and_a_count(classifier):

@@ -29,6 +29,7 @@ import orjson
 import torch
 from pydantic import ValidationError
 
+from ts_handlers import worker_protocol
 from ts_handlers.config import (
     SETUP_CONFIG_FILE,
     HandlerConfig,
@@ -373,7 +374,11 @@ class TaskHandler(Generic[ConfigT]):
         if request.looks_like_json() and _opens_json_container(request.body):
             if isinstance(request.body, dict):  # TorchServe parsed it: recognised before checks
                 self._remember_kserve_protocol(index, request.body)
-            payload = request.json()
+            try:
+                payload = request.json()
+            except InvalidInput:  # refused while parsing: a KServe body still gets its own body
+                self._remember_kserve_protocol(index, request.json_structure())
+                raise
             kserve = recognise(payload)
             if kserve is not None:
                 self._wire[index] = kserve  # from here on its errors are in its own body
@@ -385,9 +390,10 @@ class TaskHandler(Generic[ConfigT]):
             request = replace(request, body=payload)
         return self.decode(request)
 
-    def _remember_kserve_protocol(self, index: int, payload: dict[str, Any]) -> None:
-        """Notes the KServe protocol of a body TorchServe already parsed, before any check
-        runs on it, so that a check's error is written in that protocol's error body."""
+    def _remember_kserve_protocol(self, index: int, payload: Any) -> None:
+        """Notes the KServe protocol of a parsed body (TorchServe's, or the structure of one
+        refused while parsing) before any check runs on it, so that a check's error is written
+        in that protocol's error body."""
         kserve = recognise(payload)
         if kserve is not None:
             self._wire[index] = kserve
@@ -634,6 +640,9 @@ def entry_point(handler_class: type[TaskHandler]) -> Callable[[Any, Any], list[A
     def handle(data: Any, context: Any) -> list[Any] | None:
         nonlocal instance
         if instance is None:
+            # Model load, in the worker, before any inference message: bound TorchServe's own
+            # reading of form fields (worker_protocol.py, docs/security.md).
+            worker_protocol.install()
             candidate = handler_class()
             candidate.initialize(context)
             instance = candidate

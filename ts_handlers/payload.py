@@ -63,6 +63,11 @@ MAX_NUMBER_CHARS = 64
 # Form fields (multipart parts or urlencoded pairs) one request may carry: the body and a few
 # options. TorchServe hands every field over as its own parameter; more: 413 before any is read.
 MAX_FORM_FIELDS = 64
+# The request header in which ts_handlers.worker_protocol, reading a request in TorchServe's
+# worker, hands on how many form fields it counted when there were more than MAX_FORM_FIELDS
+# (it keeps only MAX_FORM_FIELDS + 1 of them). It drops any copy a client sends; where it is
+# not installed (another TorchServe), a client's copy can only refuse that client's request.
+FORM_FIELDS_HEADER = "ts-handlers-form-fields"
 
 
 @dataclass(frozen=True)
@@ -91,15 +96,16 @@ class Request:
             if isinstance(value, str)
         }
         encoding = headers.get("content-encoding", "")
+        fields = _counted_form_fields(headers.get(FORM_FIELDS_HEADER))
+        if fields is not None or (isinstance(row, Mapping) and len(row) > MAX_FORM_FIELDS):
+            raise PayloadTooLarge(
+                f"the request has {fields or len(row)} form fields; the limit is "
+                f"{MAX_FORM_FIELDS} (payload.MAX_FORM_FIELDS): send the input as the body, or "
+                'as one field named "data", with the options beside it'
+            )
         if not isinstance(row, Mapping):
             body = decode_content(row, encoding, max_decompressed)
             return cls(body=body, content_type=content_type, headers=headers)
-        if len(row) > MAX_FORM_FIELDS:
-            raise PayloadTooLarge(
-                f"the request has {len(row)} form fields; the limit is {MAX_FORM_FIELDS} "
-                "(payload.MAX_FORM_FIELDS): send the input as the body, or as one field named "
-                '"data", with the options beside it'
-            )
         body_key = next((key for key in BODY_KEYS if key in row), None)
         params = {key: _param_text(value) for key, value in row.items() if key != body_key}
         body = decode_content(row.get(body_key) if body_key else None, encoding, max_decompressed)
@@ -152,6 +158,21 @@ class Request:
             return self.body  # a bare JSON string TorchServe decoded: not JSON to parse again
         return parse_json(self.text())
 
+    def json_structure(self) -> Any:
+        """The body's JSON structure when :meth:`json` refused it for a number, a constant or
+        a repeated key, else None: numbers read as 0, never converted; the last of a repeated
+        key kept. What a KServe body needs to be recognised, so that its error is written in
+        its protocol's error body. One more linear parse, only for a body already refused."""
+        if not isinstance(self.body, bytes | bytearray | str):
+            return None
+        try:
+            text = self.text()
+            if json_depth(text) > MAX_JSON_DEPTH:
+                return None
+            return json.loads(text, parse_constant=_zero, parse_float=_zero, parse_int=_zero)
+        except (InvalidInput, ValueError, RecursionError):
+            return None
+
     def looks_like_json(self) -> bool:
         if isinstance(self.body, dict | list):
             return True
@@ -161,6 +182,14 @@ class Request:
             return True
         head = self.body[:1] if isinstance(self.body, bytes | bytearray | str) else b""
         return head in (b"{", b"[", "{", "[")
+
+
+def _counted_form_fields(value: str | None) -> int | None:
+    """The form-field count worker_protocol handed on, when over the limit; else None."""
+    if value is None or not value.isdigit() or len(value) > 12:
+        return None
+    count = int(value)
+    return count if count > MAX_FORM_FIELDS else None
 
 
 def reject_unknown_fields(payload: Mapping[str, Any], accepted: Iterable[str]) -> None:
@@ -286,6 +315,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 )
             seen.add(key)
     return result
+
+
+def _zero(text: str) -> int:
+    return 0
 
 
 def _reject_constant(name: str) -> Any:
