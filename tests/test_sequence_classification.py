@@ -473,8 +473,8 @@ def explainer(text_handlers, monkeypatch):
     )
     monkeypatch.setattr(handler, "config", config)
     clock = Clock()
-    monkeypatch.setattr(handler, "_clock", clock)
-    monkeypatch.setattr(handler, "_predictions_first_until", 0.0)  # no earlier schedule
+    monkeypatch.setattr(handler.explanations, "clock", clock)
+    monkeypatch.setattr(handler.explanations, "predictions_first_until", 0.0)  # no earlier schedule
     explain_inputs = handler.explain_inputs
 
     def slow_explain(inputs, decoded):

@@ -248,7 +248,9 @@ def parse_config(config_class: type[ConfigT], raw: Mapping[str, Any], source: st
     try:
         return config_class.model_validate(dict(raw))
     except ValidationError as error:
-        raise ConfigError(f"{source}: {explain(error, config_class.model_fields)}") from None
+        raise ConfigError(
+            f"{source}: {validation_message(error, config_class.model_fields)}"
+        ) from None
 
 
 def load_config(config_class: type[ConfigT], path: str | Path) -> ConfigT:
@@ -282,7 +284,7 @@ _EXPECTED = {
 }
 
 
-def explain(error: ValidationError, fields: Iterable[str]) -> str:
+def validation_message(error: ValidationError, fields: Iterable[str]) -> str:
     """One sentence per mistake, each naming the key, the value and what is allowed."""
     errors = error.errors()
     unknown = [str(item["loc"][0]) for item in errors if _unknown_key(item, top_level=True)]

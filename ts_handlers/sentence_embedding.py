@@ -220,7 +220,7 @@ class PooledEncoder(nn.Module):
         return features["sentence_embedding"]
 
 
-class SentenceEmbeddingHandler(TextHandler):
+class SentenceEmbeddingHandler(TextHandler[SentenceEmbeddingConfig, SentenceEmbeddingOptions]):
     config_class = SentenceEmbeddingConfig
     options_class = SentenceEmbeddingOptions
     tokenize_options_class = SentenceTokenizeOptions
@@ -281,7 +281,9 @@ class SentenceEmbeddingHandler(TextHandler):
         self, texts: list[str], options: Any, single: bool, field: str = "inputs"
     ) -> Decoded:
         """The texts with the request's prompt prepended, as encode() prepends it; with
-        include_prompt false each text also carries its prompt's length in tokens."""
+        include_prompt false each text also carries its prompt's length in tokens. Always a
+        list of vectors, also for one string: clients index the answer the same way."""
+        single = False
         prompt = options.prompt
         if not prompt:
             return super().decode_texts(texts, options, single, field)
@@ -317,7 +319,7 @@ class SentenceEmbeddingHandler(TextHandler):
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask).float()
 
-    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+    def answer_bytes_per_text(self, options: SentenceEmbeddingOptions) -> int:
         """One vector as JSON: each number at most MAX_FLOAT_CHARS, ", " between, brackets."""
         dimension = getattr(options, "dimensions", None) or self.config.embedding_dimension
         return answer_bytes(dimension, MAX_FLOAT_CHARS)
@@ -328,7 +330,6 @@ class SentenceEmbeddingHandler(TextHandler):
         embeddings = embeddings[:, : decoded.options.dimensions]
         if decoded.options.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
-        # Always a list of vectors, also for one string: clients index the answer the same way.
         # A float32 array: the answer is written at float32's precision (base._answer).
         return embeddings.numpy()
 

@@ -21,6 +21,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
+from ts_handlers.admission import Budget
 from ts_handlers.base import Decoded, entry_point, top_k_labels
 from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, OptionInt, PositiveInt
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
@@ -125,7 +126,9 @@ def apply_function(logits: torch.Tensor, function: str) -> torch.Tensor:
     return logits
 
 
-class SequenceClassificationHandler(TextHandler):
+class SequenceClassificationHandler(
+    TextHandler[SequenceClassificationConfig, SequenceClassificationOptions]
+):
     config_class = SequenceClassificationConfig
     options_class = SequenceClassificationOptions
 
@@ -215,7 +218,7 @@ class SequenceClassificationHandler(TextHandler):
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask).float()
 
-    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+    def answer_bytes_per_text(self, options: SequenceClassificationOptions) -> int:
         """top_k entries (at most one per label), each at most ``entry_bytes``."""
         return answer_bytes(min(options.top_k, len(self.labels)), self.entry_bytes)
 
@@ -224,7 +227,7 @@ class SequenceClassificationHandler(TextHandler):
         answers = [
             top_k_labels(apply_function(logits, function), self.labels, top_k) for logits in outputs
         ]
-        return answers[0] if decoded.single else answers
+        return answers
 
     def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
         return labels_and_scores(self.encode(outputs, decoded))
@@ -254,16 +257,15 @@ class SequenceClassificationHandler(TextHandler):
             )
         return cost
 
-    def explanation_budget(self) -> tuple[int, str]:
-        return (
+    def explanation_budget(self) -> Budget:
+        return Budget(
             self.config.max_explanation_token_steps,
             f"{SETUP_CONFIG_FILE} max_explanation_token_steps",
         )
 
     def explain_inputs(self, inputs: list[Tokenized], decoded: Decoded) -> Any:
         self._check_explains()
-        answers = [self._explain_one(item) for item in inputs]
-        return answers[0] if decoded.single else answers
+        return [self._explain_one(item) for item in inputs]
 
     def _check_explains(self) -> None:
         if self.config.save_mode != "pretrained" or not self.config.captum_explanation:

@@ -37,6 +37,7 @@ from ts_handlers.text import (
     load_tokenizer,
     text_export_plan,
     tokenizer_files,
+    tokens_run,
 )
 
 # transformers' AggregationStrategy values.
@@ -85,7 +86,9 @@ def pipeline_postprocessing(tokenizer: Any, labels: list[str]) -> Any:
     return postprocessing
 
 
-class TokenClassificationHandler(TextHandler):
+class TokenClassificationHandler(
+    TextHandler[TokenClassificationConfig, TokenClassificationOptions]
+):
     config_class = TokenClassificationConfig
     options_class = TokenClassificationOptions
     token_outputs = True
@@ -176,7 +179,7 @@ class TokenClassificationHandler(TextHandler):
                 f"{config.max_response_size} ({SETUP_CONFIG_FILE} max_response_size); send "
                 "fewer or shorter texts"
             )
-        return Decoded(inputs=inputs, options=options, single=single)
+        return Decoded(inputs, options, single, tokens=tokens_run(inputs))
 
     def windows(self, text: str, index: int, stride: int, field: str) -> list[Tokenized]:
         """The text's windows, as the pipeline's tokenizer call with ``stride`` makes them."""
@@ -236,7 +239,7 @@ class TokenClassificationHandler(TextHandler):
             else self.pipeline.aggregate_overlapping_entities([e for w in windows for e in w])
             for windows in texts
         ]
-        return answers[0] if decoded.single else answers
+        return answers
 
     def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
         # Entities per text vary in number and fields: one JSON list per text.
