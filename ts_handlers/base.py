@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, get_args
 
 import torch
 from pydantic import ValidationError
@@ -42,7 +42,7 @@ from ts_handlers.labels import LABELS_FILE, read_labels
 from ts_handlers.metrics import report
 from ts_handlers.openai_api import EMBEDDINGS_PATH, OpenAIEmbeddings
 from ts_handlers.payload import Request
-from ts_handlers.protocols import Decoded, OutputTensor, Parsed, json_per_input
+from ts_handlers.protocols import Decoded, OptionsT, OutputTensor, Parsed, json_per_input
 
 __all__ = [
     "BATCH_SIZE_HEADER",
@@ -58,7 +58,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ConfigT = TypeVar("ConfigT", bound=HandlerConfig)
-OptionsT = TypeVar("OptionsT", bound=RequestOptions)
 
 # Config keys naming files on the build machine: never part of a describe answer.
 PRIVATE_CONFIG_KEYS = ("model_name", "serialized_file", "model_file")
@@ -91,6 +90,15 @@ class TaskHandler(Generic[ConfigT, OptionsT]):
     # (what an instance is, the config key limiting them per request) for KServe and OpenAI
     # requests; None: protocols.MAX_KSERVE_INSTANCES.
     instance_limit: ClassVar[tuple[str, str] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """``TaskHandler[MyConfig, MyOptions]`` declares ``config_class`` and
+        ``options_class`` too, unless the class sets them itself."""
+        super().__init_subclass__(**kwargs)
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            for name, value in zip(("config_class", "options_class"), get_args(base), strict=False):
+                if isinstance(value, type) and name not in cls.__dict__:
+                    setattr(cls, name, value)
 
     def __init__(self) -> None:
         self.initialized = False
@@ -183,16 +191,20 @@ class TaskHandler(Generic[ConfigT, OptionsT]):
 
     def forward(self, inputs: list[Any]) -> Sequence[Any]:
         """One output per input, in order; runs under ``torch.inference_mode()``. Default:
-        the inputs (tensors, or what ``torch.as_tensor`` takes) stacked, moved to the device,
-        through the model, and back on the CPU row by row."""
+        the inputs stacked, moved to the device, through the model, and back on the CPU row by
+        row. An input that is not a tensor (a list of numbers) becomes a float32 one."""
         assert self.model is not None
-        batch = torch.stack([torch.as_tensor(item) for item in inputs]).to(self.device)
-        return list(self.model(batch).cpu())
+        tensors = [
+            item if isinstance(item, torch.Tensor) else torch.tensor(item, dtype=torch.float32)
+            for item in inputs
+        ]
+        return list(self.model(torch.stack(tensors).to(self.device)).cpu())
 
     def encode(self, outputs: list[Any], decoded: Decoded[OptionsT]) -> Sequence[Any]:
         """One JSON-able answer per input; the request's protocol wraps them (the task's own
-        form unwraps one when the client sent one input)."""
-        raise NotImplementedError
+        form unwraps one when the client sent one input). Default: each output as (nested)
+        lists of numbers."""
+        return [output.tolist() if hasattr(output, "tolist") else output for output in outputs]
 
     def decode_instances(self, parsed: Parsed, options: OptionsT) -> Decoded[OptionsT]:
         """A KServe or OpenAI request's instances (``parsed.instances``: ``str`` for text as

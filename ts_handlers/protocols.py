@@ -34,18 +34,20 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
+from typing import Annotated, Any, ClassVar, Generic, Literal, cast
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypeVar
 
 from ts_handlers import errors
 from ts_handlers.config import RequestOptions
 from ts_handlers.errors import InvalidInput, check_count, shorten
 from ts_handlers.payload import Request, decode_base64, preview
 
-OptionsT = TypeVar("OptionsT", bound=RequestOptions)
+# Defaulted, so Decoded and a handler typed by its config alone still read.
+OptionsT = TypeVar("OptionsT", bound=RequestOptions, default=RequestOptions)
 
 # Instances one KServe request may carry for a task that sets no limit of its own (the
 # built-in tasks take max_texts_per_request / max_images_per_request).

@@ -17,13 +17,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import nn
 from torch.export import Dim
+from typing_extensions import TypeVar
 
 from ts_handlers.admission import Budget
 from ts_handlers.base import Decoded, Route, TaskHandler
@@ -175,7 +176,7 @@ class Tokenized:
 
 
 TextConfigT = TypeVar("TextConfigT", bound=TextConfig)
-TextOptionsT = TypeVar("TextOptionsT", bound=TextOptions)
+TextOptionsT = TypeVar("TextOptionsT", bound=TextOptions, default=TextOptions)
 
 
 class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
