@@ -491,7 +491,7 @@ def test_explanation_requests_over_a_limit_get_413_before_any_work(explainer, mo
     def no_work(*args):
         raise AssertionError("an explanation over a limit must not run")
 
-    monkeypatch.setattr(sequence_classification, "explain", no_work)
+    monkeypatch.setattr(sequence_classification, "integrated_gradients", no_work)
     long_text = " ".join(SENTENCES)  # truncated to max_length tokens
     results = run_batch(
         explainer,

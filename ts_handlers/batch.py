@@ -103,7 +103,7 @@ class Batch:
     def run(self, data: list[Any]) -> list[str | bytes | None]:
         self.spec = task_spec(self.handler)
         predictions, explanations = self._decode_all(data)
-        self._explain(explanations, bool(predictions))
+        self._run_explanations(explanations, bool(predictions))
         predictions = self._admit(predictions)
         if predictions:
             self._predict(predictions)
@@ -206,7 +206,7 @@ class Batch:
 
     # ---- 2. admission ------------------------------------------------------------------------
 
-    def _explain(self, explanations: list[tuple[Slot, int]], predictions: bool) -> None:
+    def _run_explanations(self, explanations: list[tuple[Slot, int]], predictions: bool) -> None:
         """Runs the explanations that fit this batch's budget (admission.py); the rest get
         429 + Retry-After."""
         if not explanations:
@@ -252,12 +252,12 @@ class Batch:
     def _predict(self, slots: list[Slot]) -> None:
         items = [slot.decoded for slot in slots if slot.decoded is not None]
         try:
-            outputs = self._forward([value for item in items for value in item.inputs])
+            outputs = self._infer([value for item in items for value in item.inputs])
         except Exception:
             # Isolate the culprit: run each request alone so its neighbours still get answers.
             logger.exception("batched forward failed; retrying %d requests one by one", len(slots))
             for slot, item in zip(slots, items, strict=True):
-                self._answer(slot, lambda s=slot, i=item: self._wrap(s, self._forward(i.inputs)))
+                self._answer(slot, lambda s=slot, i=item: self._wrap(s, self._infer(i.inputs)))
             return
         offset = 0
         started = time.perf_counter()
@@ -267,7 +267,7 @@ class Batch:
             self._answer(slot, lambda s=slot, c=chunk: self._wrap(s, c))
         self.metrics.add_time(ENCODE, time.perf_counter() - started)
 
-    def _forward(self, inputs: list[Any]) -> list[Any]:
+    def _infer(self, inputs: list[Any]) -> list[Any]:
         with torch.inference_mode(), self.metrics.timed(FORWARD):
             outputs = list(self.handler.forward(inputs))
         if len(outputs) != len(inputs):

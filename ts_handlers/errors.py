@@ -74,6 +74,13 @@ def error_body(status: HTTPStatus | int, error_type: str, message: str) -> str:
     return json.dumps({"code": int(status), "type": error_type, "message": shorten(message)})
 
 
+def first_lines(error: BaseException, count: int = 1) -> str:
+    """An error's first ``count`` lines (the cause, before pages of guards and links); its
+    type's name when it has no message."""
+    lines = str(error).strip().splitlines()
+    return "\n".join(lines[:count]) if lines else type(error).__name__
+
+
 def check_count(count: int, limit: int, unit: str, key: str) -> None:
     """Refuses ``count`` items of one request (texts, images, instances) over ``limit`` with a
     413 naming the key that sets it."""

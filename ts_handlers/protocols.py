@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import TypeVar
 
 from ts_handlers import errors
-from ts_handlers.config import RequestOptions
+from ts_handlers.config import RequestOptions, field_path
 from ts_handlers.errors import InvalidInput, check_count, shorten
 from ts_handlers.payload import Request, decode_base64, preview
 
@@ -498,8 +498,7 @@ def _check_v2_structure(payload: dict[str, Any]) -> None:
 
 def _problem(item: Any) -> str:
     """One validation problem, naming its field as the client wrote it: inputs[0].shape."""
-    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
-    key = key.lstrip(".") or "the body"
+    key = field_path(item["loc"], "the body")
     kind = item["type"]
     if kind == "extra_forbidden":
         return f"unknown field {key}"

@@ -34,7 +34,14 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, OptionBool, OptionInt, PositiveInt
+from ts_handlers.config import (
+    SETUP_CONFIG_FILE,
+    ConfigError,
+    OptionBool,
+    OptionInt,
+    PositiveInt,
+    read_json_object,
+)
 from ts_handlers.errors import InvalidInput
 from ts_handlers.export import ExportError, ExportPlan
 from ts_handlers.payload import preview
@@ -383,10 +390,10 @@ def read_sentence_transformer(folder: Path) -> SentenceTransformerFolder:
     pooling_dir = folder / modules[1].get("path", "")
     dense_dirs = tuple(folder / modules[2 + i].get("path", "") for i in range(len(tail)))
     pooling_path = pooling_dir / "config.json"
-    pooling = _read_json(pooling_path)
-    model_config = _read_json(transformer_dir / "config.json")
-    st_config = _read_json(transformer_dir / "sentence_bert_config.json")
-    tokenizer_config = _read_json(transformer_dir / "tokenizer_config.json")
+    pooling = read_json_object(pooling_path) or {}
+    model_config = read_json_object(transformer_dir / "config.json") or {}
+    st_config = read_json_object(transformer_dir / "sentence_bert_config.json") or {}
+    tokenizer_config = read_json_object(transformer_dir / "tokenizer_config.json") or {}
     positions = model_config.get("max_position_embeddings")
     # sentence-transformers < 5 saved max_seq_length here; later versions keep it in the
     # tokenizer's model_max_length, which the library caps at the position embeddings.
@@ -418,7 +425,7 @@ def read_sentence_transformer(folder: Path) -> SentenceTransformerFolder:
 
 def _read_prompts(path: Path) -> dict[str, Any]:
     """The prompts and default prompt name, as sentence-transformers reads them."""
-    saved = _read_json(path)
+    saved = read_json_object(path) or {}
     prompts = saved.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(
         isinstance(key, str) and isinstance(value, str | None) for key, value in prompts.items()
@@ -438,10 +445,6 @@ def _pooling_mode(pooling: dict[str, Any]) -> str:
         active = [name for key, name in LEGACY_POOLING_FLAGS.items() if pooling.get(key)]
         mode = active or ["mean"]
     return check_pooling_mode(mode)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def load_encoder(folder: Path) -> nn.Module:

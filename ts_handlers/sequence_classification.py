@@ -23,7 +23,13 @@ from torch import nn
 
 from ts_handlers.admission import Budget
 from ts_handlers.base import Decoded, entry_point, top_k_labels
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, OptionInt, PositiveInt
+from ts_handlers.config import (
+    SETUP_CONFIG_FILE,
+    ConfigError,
+    OptionInt,
+    PositiveInt,
+    read_json_object,
+)
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
@@ -166,7 +172,7 @@ class SequenceClassificationHandler(
             pad_to_max_length=self.config.pad_to_max_length,
             atol=self.config.verify_atol,
         )
-        checkpoint = _read_json(self.model_dir / "config.json")
+        checkpoint = read_json_object(self.model_dir / "config.json") or {}
         id2label = checkpoint.get("id2label") or {}
         self.export_metadata = {
             **derived.metadata(),
@@ -277,7 +283,7 @@ class SequenceClassificationHandler(
             )
 
     def _explain_one(self, item: Tokenized) -> dict[str, Any]:
-        target, scores, attributions, delta = explain(
+        target, scores, attributions, delta = integrated_gradients(
             self.model,
             self.embedding_layer,
             item.input_ids,
@@ -293,7 +299,7 @@ class SequenceClassificationHandler(
         }
 
 
-def explain(
+def integrated_gradients(
     model: nn.Module, layer: nn.Module, token_ids: list[int], pad_id: int, steps: int
 ) -> tuple[int, torch.Tensor, list[float], float]:
     """Layer integrated gradients for one unpadded text, for its top class.
@@ -432,7 +438,9 @@ def _check_explanation(
     name, layer = embedding_layer(model, config.embedding_name)
     token_ids = tokenizer("ts-handlers checks explanations at build time")["input_ids"]
     try:
-        explain(LogitsOnly(model), layer, token_ids, tokenizer.pad_token_id or 0, steps=4)
+        integrated_gradients(
+            LogitsOnly(model), layer, token_ids, tokenizer.pad_token_id or 0, steps=4
+        )
     except InvalidInput as error:  # captum is missing
         raise ConfigError(error.message) from None
     except Exception as error:
@@ -456,7 +464,7 @@ def _plan_user_model(config: SequenceClassificationConfig, folder: Path) -> Expo
 
     tokenizer = load_tokenizer(folder)
     model, exported = user_files.load_user_model(config)
-    checkpoint = _read_json(folder / "config.json")
+    checkpoint = read_json_object(folder / "config.json") or {}
     num_classes = output_width(model, tokenizer, config.max_length)
     id2label = checkpoint.get("id2label") or {}
     labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_classes)]
@@ -470,10 +478,6 @@ def _plan_user_model(config: SequenceClassificationConfig, folder: Path) -> Expo
     if checkpoint:
         files.append(folder / "config.json")
     return text_export_plan(config, model, tokenizer, files, metadata, exported=exported)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 handle = entry_point(SequenceClassificationHandler)

@@ -38,7 +38,7 @@ from ts_handlers.config import (
     RequestOptions,
     validation_message,
 )
-from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge, check_count
+from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge, check_count, first_lines
 from ts_handlers.export import ExportPlan, one_at_a_time
 from ts_handlers.metrics import TOKENIZE
 from ts_handlers.openai_api import EMBEDDINGS_PATH
@@ -608,7 +608,7 @@ def load_archive_tokenizer(folder: Path) -> Any:
     try:
         return load_tokenizer(folder)
     except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(f"{fix} ({type(error).__name__}: {_first_line(error)})") from None
+        raise ConfigError(f"{fix} ({type(error).__name__}: {first_lines(error)})") from None
 
 
 def load_pretrained(auto_class: str, folder: str | Path, max_length: int | None = None) -> Any:
@@ -814,7 +814,7 @@ def _check_largest_id_runs(model: Any, tokenizer: Any, length: int) -> None:
         except Exception as error:
             raise ConfigError(
                 f"the model fails on the tokenizer's largest id {len(tokenizer) - 1} (is the "
-                f"tokenizer the model's own?): {_first_line(error)}"
+                f"tokenizer the model's own?): {first_lines(error)}"
             ) from None
 
 
@@ -840,7 +840,7 @@ def output_width(model: Any, tokenizer: Any, max_length: int) -> int:
                 output = model(input_ids, torch.tensor([mask]))
         except Exception as error:
             failure = f"the model fails on (input_ids, attention_mask) of shape 1x{len(ids)}: "
-            failure += _first_line(error)
+            failure += first_lines(error)
             continue
         if not isinstance(output, torch.Tensor) or output.ndim != 2 or len(output) != 1:
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -850,7 +850,3 @@ def output_width(model: Any, tokenizer: Any, max_length: int) -> int:
             )
         return int(output.shape[-1])
     raise ConfigError(failure)
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
