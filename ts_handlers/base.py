@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Generic, TypeVar, get_args
 import torch
 from pydantic import ValidationError
 
-from ts_handlers.admission import Budget, ExplanationScheduler
+from ts_handlers.admission import ExplanationScheduler
 from ts_handlers.batch import BATCH_SIZE_HEADER, JSON_CONTENT_TYPE, Batch, Route
 from ts_handlers.config import (
     SETUP_CONFIG_FILE,
@@ -90,6 +90,11 @@ class TaskHandler(Generic[ConfigT, OptionsT]):
     # (what an instance is, the config key limiting them per request) for KServe and OpenAI
     # requests; None: protocols.MAX_KSERVE_INSTANCES.
     instance_limit: ClassVar[tuple[str, str] | None] = None
+    # The config keys bounding the work one handled batch may spend on predictions and on
+    # explanations, in the units of prediction_cost / explanation_cost (admission.py); None:
+    # no bound.
+    prediction_budget: ClassVar[str | None] = None
+    explanation_budget: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """``TaskHandler[MyConfig, MyOptions]`` declares ``config_class`` and
@@ -250,22 +255,14 @@ class TaskHandler(Generic[ConfigT, OptionsT]):
         raise InvalidInput(f"{type(self).__name__} does not provide explanations for this model")
 
     def explanation_cost(self, decoded: Decoded[OptionsT]) -> int:
-        """The work one explanation request would cost, in the units of
-        ``explanation_budget``; checked when the request is decoded, before any work runs, so
+        """The work one explanation request would cost, in the units of the config key
+        ``explanation_budget`` names; checked when the request is decoded, before any work runs, so
         a request over a per-request limit raises its 4xx here."""
         return 0
 
-    def explanation_budget(self) -> Budget | None:
-        """Explanation work one handled batch may spend; None: no bound."""
-        return None
-
     def prediction_cost(self, decoded: Decoded[OptionsT]) -> int:
-        """The work one prediction request brings, in the units of ``prediction_budget``."""
+        """The work one prediction request brings, in the units of ``prediction_budget``'s key."""
         return 0
-
-    def prediction_budget(self) -> Budget | None:
-        """Prediction work one handled batch may spend; None: no bound."""
-        return None
 
     def describe(self) -> dict[str, Any]:
         """The answer to ``GET /models/<name>?customized=true``: labels, config, export figures.

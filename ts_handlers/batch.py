@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import torch
 
-from ts_handlers.admission import over_budget
+from ts_handlers.admission import Budget, over_budget
+from ts_handlers.config import SETUP_CONFIG_FILE
 from ts_handlers.errors import InvalidInput, RequestError, TooManyRequests
 from ts_handlers.metrics import DECODE, ENCODE, FORWARD, BatchMetrics
 from ts_handlers.openai_api import OpenAIEmbeddings, is_openai_body
@@ -77,7 +78,7 @@ def task_spec(handler: TaskHandler) -> TaskSpec:
         limits = {
             "max_instances": getattr(handler.config, key),
             "instance_unit": unit,
-            "max_instances_key": f"setup_config.json {key}",
+            "max_instances_key": f"{SETUP_CONFIG_FILE} {key}",
         }
     return TaskSpec(
         task=type(handler).__name__,
@@ -213,9 +214,9 @@ class Batch:
             return
         handler = self.handler
         scheduler = handler.explanations
-        admitted = scheduler.admit(
-            [cost for _, cost in explanations], handler.explanation_budget(), predictions
-        )
+        costs = [cost for _, cost in explanations]
+        budget = self._budget(handler.explanation_budget)
+        admitted = scheduler.admit(costs, budget, predictions)
         for position in admitted.run:
             slot = explanations[position][0]
             self._answer(slot, lambda s=slot: self._explanation_of(s))
@@ -235,7 +236,7 @@ class Batch:
         """Predictions that would take the batch past its token budget get 429 + Retry-After
         (admission.over_budget); the rest run."""
         handler = self.handler
-        budget = handler.prediction_budget()
+        budget = self._budget(handler.prediction_budget)
         if budget is None:
             return predictions
         costs = [handler.prediction_cost(slot.decoded) for slot in predictions if slot.decoded]
@@ -246,6 +247,12 @@ class Batch:
         for position in deferred:
             self._reject(predictions[position], error)
         return [slot for position, slot in enumerate(predictions) if position not in deferred]
+
+    def _budget(self, key: str | None) -> Budget | None:
+        """The budget the config key ``key`` sets for one handled batch; None: no bound."""
+        if key is None:
+            return None
+        return Budget(getattr(self.handler.config, key), f"{SETUP_CONFIG_FILE} {key}")
 
     # ---- 3. forward, 4. encode ---------------------------------------------------------------
 

@@ -21,7 +21,6 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
-from ts_handlers.admission import Budget
 from ts_handlers.base import Decoded, entry_point, top_k_labels
 from ts_handlers.config import (
     SETUP_CONFIG_FILE,
@@ -137,6 +136,7 @@ class SequenceClassificationHandler(
 ):
     config_class = SequenceClassificationConfig
     options_class = SequenceClassificationOptions
+    explanation_budget = "max_explanation_token_steps"
 
     def load_model(self) -> Any:
         if self.config.save_mode == "pretrained":
@@ -262,12 +262,6 @@ class SequenceClassificationHandler(
                 "max_explanation_token_steps). Send fewer or shorter texts per request"
             )
         return cost
-
-    def explanation_budget(self) -> Budget:
-        return Budget(
-            self.config.max_explanation_token_steps,
-            f"{SETUP_CONFIG_FILE} max_explanation_token_steps",
-        )
 
     def explain_inputs(self, inputs: list[Tokenized], decoded: Decoded) -> Any:
         self._check_explains()

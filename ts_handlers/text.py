@@ -26,7 +26,6 @@ from torch import nn
 from torch.export import Dim
 from typing_extensions import TypeVar
 
-from ts_handlers.admission import Budget
 from ts_handlers.base import Decoded, Route, TaskHandler
 from ts_handlers.batch import TOKENS_HEADER as TOKENS_HEADER  # where tests import it from
 from ts_handlers.config import (
@@ -184,6 +183,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
 
     options_class: ClassVar[type[RequestOptions]] = TextOptions
     instance_limit = ("texts", "max_texts_per_request")
+    prediction_budget = "max_tokens_per_batch"
     # True for a task that answers per token (token classification): ``tokenize`` keeps the
     # character offsets and the special-tokens mask, and ``forward`` cuts each text's output
     # rows to its own tokens.
@@ -362,9 +362,6 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         if self.config.pad_to_max_length:
             return self.config.max_length * len(decoded.inputs)
         return sum(len(item.input_ids) for item in decoded.inputs)
-
-    def prediction_budget(self) -> Budget:
-        return Budget(self.config.max_tokens_per_batch, f"{SETUP_CONFIG_FILE} max_tokens_per_batch")
 
     def answer_bytes_per_text(self, options: TextOptionsT) -> int:
         """An upper bound on the JSON bytes of one text's answer; 0: no bound to check."""
