@@ -238,7 +238,7 @@ class ImageClassificationHandler(
                 str(index) for index in range(self.export_metadata.get("num_classes", 10))
             ]
 
-    def decode(self, request: Request) -> Decoded:
+    def decode(self, request: Request) -> Decoded[ImageClassificationOptions]:
         if request.is_empty:
             raise InvalidInput(
                 'the request body is empty; send image bytes, base64, or JSON {"data": "<base64>"}'
@@ -265,7 +265,9 @@ class ImageClassificationHandler(
         options = self.read_options(request, payload)
         return Decoded(inputs=[self.image_tensor(raw)], options=options)
 
-    def decode_instances(self, parsed: Parsed, options: ImageClassificationOptions) -> Decoded:
+    def decode_instances(
+        self, parsed: Parsed, options: ImageClassificationOptions
+    ) -> Decoded[ImageClassificationOptions]:
         values, field = parsed.instances, parsed.field
         check_count(
             len(values),
@@ -303,10 +305,14 @@ class ImageClassificationHandler(
         probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
         return list(probabilities)
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[ImageClassificationOptions]
+    ) -> Any:
         return [top_k_labels(row, self.labels, decoded.options.top_k) for row in outputs]
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[ImageClassificationOptions]
+    ) -> list[OutputTensor]:
         return labels_and_scores(self.encode(outputs, decoded))
 
 

@@ -286,7 +286,7 @@ class SentenceEmbeddingHandler(TextHandler[SentenceEmbeddingConfig, SentenceEmbe
 
     def decode_texts(
         self, texts: list[str], options: Any, single: bool, field: str = "inputs"
-    ) -> Decoded:
+    ) -> Decoded[SentenceEmbeddingOptions]:
         """The texts with the request's prompt prepended, as encode() prepends it; with
         include_prompt false each text also carries its prompt's length in tokens. Always a
         list of vectors, also for one string: clients index the answer the same way."""
@@ -331,7 +331,9 @@ class SentenceEmbeddingHandler(TextHandler[SentenceEmbeddingConfig, SentenceEmbe
         dimension = getattr(options, "dimensions", None) or self.config.embedding_dimension
         return answer_bytes(dimension, MAX_FLOAT_CHARS)
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SentenceEmbeddingOptions]
+    ) -> Any:
         embeddings = torch.stack(outputs)
         # Matryoshka: truncate first, then normalise, as encode(truncate_dim=...) does.
         embeddings = embeddings[:, : decoded.options.dimensions]
@@ -340,7 +342,9 @@ class SentenceEmbeddingHandler(TextHandler[SentenceEmbeddingConfig, SentenceEmbe
         # A float32 array: the answer is written at float32's precision (base._answer).
         return embeddings.numpy()
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SentenceEmbeddingOptions]
+    ) -> list[OutputTensor]:
         return [fp32_tensor("embeddings", self.encode(outputs, decoded))]  # [texts, dimension]
 
 

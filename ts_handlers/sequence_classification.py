@@ -228,17 +228,21 @@ class SequenceClassificationHandler(
         """top_k entries (at most one per label), each at most ``entry_bytes``."""
         return answer_bytes(min(options.top_k, len(self.labels)), self.entry_bytes)
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SequenceClassificationOptions]
+    ) -> Any:
         function, top_k = decoded.options.function_to_apply, decoded.options.top_k
         answers = [
             top_k_labels(apply_function(logits, function), self.labels, top_k) for logits in outputs
         ]
         return answers
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SequenceClassificationOptions]
+    ) -> list[OutputTensor]:
         return labels_and_scores(self.encode(outputs, decoded))
 
-    def explanation_cost(self, decoded: Decoded) -> int:
+    def explanation_cost(self, decoded: Decoded[SequenceClassificationOptions]) -> int:
         """Token-steps the request would run; refuses, before any work, an archive that cannot
         explain (400) and a request over max_explanation_texts or max_explanation_token_steps
         (413)."""
@@ -263,7 +267,9 @@ class SequenceClassificationHandler(
             )
         return cost
 
-    def explain_inputs(self, inputs: list[Tokenized], decoded: Decoded) -> Any:
+    def explain_inputs(
+        self, inputs: list[Tokenized], decoded: Decoded[SequenceClassificationOptions]
+    ) -> Any:
         self._check_explains()
         return [self._explain_one(item) for item in inputs]
 

@@ -206,7 +206,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
 
     # ---- decode ----------------------------------------------------------------------------
 
-    def decode(self, request: Request) -> Decoded:
+    def decode(self, request: Request) -> Decoded[TextOptionsT]:
         if request.is_empty:
             if request.params or request.content_type == FORM_URLENCODED:
                 raise InvalidInput(FORM_FIELDS_HINT)
@@ -317,7 +317,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
             )
         return answer
 
-    def decode_instances(self, parsed: Parsed, options: Any) -> Decoded:
+    def decode_instances(self, parsed: Parsed, options: TextOptionsT) -> Decoded[TextOptionsT]:
         """A KServe or OpenAI request's texts; base64-sent ones must be UTF-8."""
         values, field = parsed.instances, parsed.field
         self.check_text_count(len(values))
@@ -357,7 +357,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
 
     # ---- limits (docs/limits.md) -----------------------------------------------------------
 
-    def prediction_cost(self, decoded: Decoded) -> int:
+    def prediction_cost(self, decoded: Decoded[TextOptionsT]) -> int:
         """Token positions the request's texts will run (max_length each when padded to it)."""
         if self.config.pad_to_max_length:
             return self.config.max_length * len(decoded.inputs)

@@ -132,7 +132,7 @@ class TokenClassificationHandler(
         longest_label = max(map(len, self.pipeline.model.config.id2label.values()))
         return ENTITY_BYTES + longest_label + MAX_FLOAT_CHARS
 
-    def answer_bytes_per_text(self, options: Any) -> int:
+    def answer_bytes_per_text(self, options: TokenClassificationOptions) -> int:
         """At most one entity per token, each with its word (escaped, at most 6 bytes a
         character), label, score and positions. With stride the bound is taken once the texts
         are tokenized (decode_texts): a text has as many tokens as it has."""
@@ -142,7 +142,7 @@ class TokenClassificationHandler(
 
     def decode_texts(
         self, texts: list[str], options: Any, single: bool, field: str = "inputs"
-    ) -> Decoded:
+    ) -> Decoded[TokenClassificationOptions]:
         """With ``stride``, each text in the pipeline's overlapping windows (one model input
         each, counted against max_tokens_per_request and the batch's budget); else truncated."""
         if options.stride is None:
@@ -222,7 +222,9 @@ class TokenClassificationHandler(
             )
         ]
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[TokenClassificationOptions]
+    ) -> Any:
         from transformers.pipelines.token_classification import AggregationStrategy
 
         strategy = AggregationStrategy(decoded.options.aggregation_strategy)
@@ -241,7 +243,9 @@ class TokenClassificationHandler(
         ]
         return answers
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[TokenClassificationOptions]
+    ) -> list[OutputTensor]:
         # Entities per text vary in number and fields: one JSON list per text.
         return [json_per_input("entities", self.encode(outputs, decoded))]
 
