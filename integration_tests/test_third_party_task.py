@@ -19,6 +19,27 @@ import torch
 
 from ts_handlers.tools.server import LocalTorchServe
 
+# A user's own handler on the base: the complete file (docs/adding-a-task.md).
+HANDLER_FILE = """
+import ts_handlers.api as ts
+
+
+class VectorScoringConfig(ts.HandlerConfig):
+    mode: str = "vector_scoring"
+    features: ts.PositiveInt = 4
+
+
+class VectorScoringHandler(ts.TaskHandler[VectorScoringConfig]):
+    def decode(self, request: ts.Request) -> ts.Decoded:
+        vector = request.json()
+        numbers = isinstance(vector, list) and all(isinstance(x, int | float) for x in vector)
+        if not numbers or len(vector) != self.config.features:
+            raise ts.InvalidInput(f"send a JSON list of {self.config.features} numbers")
+        return ts.Decoded([vector])
+
+
+handle = ts.entry_point(VectorScoringHandler)
+"""
 PACKAGE = {
     "pyproject.toml": """
 [build-system]
@@ -30,41 +51,18 @@ name = "ts-tiny-task"
 version = "0.1.0"
 
 [project.entry-points."ts_handlers.tasks"]
-vector_scoring = "ts_tiny_task:TASK"
+vector_scoring = "ts_tiny_task.task:TASK"
 """,
-    "ts_tiny_task/__init__.py": '''
+    # The handler, all of it: what a worker imports (docs/adding-a-task.md shows this file).
+    "ts_tiny_task/__init__.py": HANDLER_FILE,
+    # The task's declaration for the registry and the build (export code: never on a worker).
+    "ts_tiny_task/task.py": '''
 """vector_scoring: a float vector in, one score per output out."""
-
-from typing import Any, Literal
 
 import torch
 
-from ts_handlers.base import Decoded, TaskHandler, entry_point
-from ts_handlers.config import HandlerConfig, PositiveInt, RequestOptions
-from ts_handlers.errors import InvalidInput
-from ts_handlers.export import ExportPlan
-from ts_handlers.tasks import Task
-
-
-class VectorScoringConfig(HandlerConfig):
-    mode: Literal["vector_scoring"] = "vector_scoring"
-    features: PositiveInt = 4
-
-
-class VectorScoringHandler(TaskHandler[VectorScoringConfig]):
-    config_class = VectorScoringConfig
-
-    def decode(self, request: Any) -> Decoded:
-        vector = request.json()
-        if not isinstance(vector, list) or len(vector) != self.config.features:
-            raise InvalidInput(f"send a JSON list of {self.config.features} numbers")
-        return Decoded(inputs=[torch.tensor(vector, dtype=torch.float32)])
-
-    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self.model(torch.stack(inputs)))
-
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
-        return outputs[0].tolist()
+from ts_handlers.api import ExportPlan, RequestOptions, Task
+from ts_tiny_task import VectorScoringConfig, VectorScoringHandler
 
 
 def prepare_export(config: VectorScoringConfig) -> ExportPlan:
@@ -77,7 +75,6 @@ def prepare_export(config: VectorScoringConfig) -> ExportPlan:
     return ExportPlan(model=model, example_inputs=batches[1], verify_inputs=batches)
 
 
-handle = entry_point(VectorScoringHandler)
 TASK = Task(VectorScoringConfig, RequestOptions, VectorScoringHandler, prepare_export)
 ''',
 }
@@ -153,10 +150,18 @@ def test_a_third_party_task_is_built_and_served(installed: Path, tmp_path: Path)
     vector = [0.5, -1.0, 2.0, 0.25]
     with torch.no_grad():
         expected = model(torch.tensor([vector]))[0].tolist()
-    with LocalTorchServe(store, ["scorer.mar"], env={"PYTHONPATH": str(installed)}) as server:
+    # The package, then whatever ts_handlers the caller's PYTHONPATH names (a checkout).
+    path = os.pathsep.join(filter(None, [str(installed), os.environ.get("PYTHONPATH")]))
+    with LocalTorchServe(store, ["scorer.mar"], env={"PYTHONPATH": path}) as server:
         url = f"{server.inference_url}/predictions/scorer"
         answer = requests.post(url, json=vector, headers=server.auth_headers(), timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.json() == pytest.approx(expected, abs=1e-6)
         wrong = requests.post(url, json=[1.0], headers=server.auth_headers(), timeout=30)
         assert wrong.status_code == 400 and "4 numbers" in wrong.json()["message"]
+
+
+def test_the_users_handler_is_one_import_and_at_most_20_lines() -> None:
+    lines = HANDLER_FILE.strip().splitlines()
+    imports = [line for line in lines if line.startswith(("import ", "from "))]
+    assert len(lines) <= 20 and imports == ["import ts_handlers.api as ts"]

@@ -275,8 +275,8 @@ def test_a_context_without_metrics_records_nothing(vision_handler):
     assert vision_handler.context.metrics is None
     results = run_batch(vision_handler, [({"body": bytearray(PNG)}, body_headers("image/png"))])
     assert [status for status, _, _ in results] == [200]
-    assert set(vision_handler.batch_metrics.seconds) == {"decode", "forward", "encode"}
-    assert vision_handler.batch_metrics.inputs == 1
+    assert set(vision_handler.batch.metrics.seconds) == {"decode", "forward", "encode"}
+    assert vision_handler.batch.metrics.inputs == 1
 
 
 def test_a_stage_timer_adds_up_and_counts_a_block_that_raises():

@@ -473,8 +473,8 @@ def explainer(text_handlers, monkeypatch):
     )
     monkeypatch.setattr(handler, "config", config)
     clock = Clock()
-    monkeypatch.setattr(handler, "_clock", clock)
-    monkeypatch.setattr(handler, "_predictions_first_until", 0.0)  # no earlier schedule
+    monkeypatch.setattr(handler.explanations, "clock", clock)
+    monkeypatch.setattr(handler.explanations, "predictions_first_until", 0.0)  # no earlier schedule
     explain_inputs = handler.explain_inputs
 
     def slow_explain(inputs, decoded):
@@ -491,7 +491,7 @@ def test_explanation_requests_over_a_limit_get_413_before_any_work(explainer, mo
     def no_work(*args):
         raise AssertionError("an explanation over a limit must not run")
 
-    monkeypatch.setattr(sequence_classification, "explain", no_work)
+    monkeypatch.setattr(sequence_classification, "integrated_gradients", no_work)
     long_text = " ".join(SENTENCES)  # truncated to max_length tokens
     results = run_batch(
         explainer,

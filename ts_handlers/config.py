@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -248,12 +248,23 @@ def parse_config(config_class: type[ConfigT], raw: Mapping[str, Any], source: st
     try:
         return config_class.model_validate(dict(raw))
     except ValidationError as error:
-        raise ConfigError(f"{source}: {explain(error, config_class.model_fields)}") from None
+        raise ConfigError(
+            f"{source}: {validation_message(error, config_class.model_fields)}"
+        ) from None
 
 
 def load_config(config_class: type[ConfigT], path: str | Path) -> ConfigT:
     """Reads and parses a setup_config.json file."""
     return parse_config(config_class, read_config_file(Path(path)), str(path))
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON file holding an object (a model folder's config.json, say); None when there is
+    no such file or it holds something else."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
 
 
 def read_config_file(path: Path) -> Any:
@@ -282,7 +293,7 @@ _EXPECTED = {
 }
 
 
-def explain(error: ValidationError, fields: Iterable[str]) -> str:
+def validation_message(error: ValidationError, fields: Iterable[str]) -> str:
     """One sentence per mistake, each naming the key, the value and what is allowed."""
     errors = error.errors()
     unknown = [str(item["loc"][0]) for item in errors if _unknown_key(item, top_level=True)]
@@ -306,7 +317,7 @@ _NESTED: dict[str, type[BaseModel]] = {"onnxruntime": OnnxRuntimeConfig}
 
 
 def _sentence(item: Any) -> str:
-    key = _key(item["loc"])
+    key = field_path(item["loc"])
     value, kind, context = item.get("input"), item["type"], item.get("ctx") or {}
     shown = _json(value)
     if kind == "extra_forbidden":  # inside a nested object
@@ -335,11 +346,13 @@ def _sentence(item: Any) -> str:
     return f"{key}: {item['msg']}, got {shown}"
 
 
-def _key(location: tuple[Any, ...]) -> str:
+def field_path(location: Sequence[Any], root: str = "config") -> str:
+    """A pydantic error's location as the file or body spells it: ``inputs[0].shape``;
+    ``root`` when the error is about the whole."""
     key = ""
     for part in location:
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    return key or "config"
+    return key or root
 
 
 def _json(value: Any) -> str:

@@ -63,7 +63,26 @@ class TooManyRequests(RequestError):
 MAX_MESSAGE_CHARS = 1000
 
 
-def error_body(status: HTTPStatus | int, error_type: str, message: str) -> str:
+def shorten(message: str) -> str:
+    """``message`` cut to ``MAX_MESSAGE_CHARS``: every protocol's error body uses this."""
     if len(message) > MAX_MESSAGE_CHARS:
-        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
-    return json.dumps({"code": int(status), "type": error_type, "message": message})
+        return message[: MAX_MESSAGE_CHARS - 1] + "…"
+    return message
+
+
+def error_body(status: HTTPStatus | int, error_type: str, message: str) -> str:
+    return json.dumps({"code": int(status), "type": error_type, "message": shorten(message)})
+
+
+def first_lines(error: BaseException, count: int = 1) -> str:
+    """An error's first ``count`` lines (the cause, before pages of guards and links); its
+    type's name when it has no message."""
+    lines = str(error).strip().splitlines()
+    return "\n".join(lines[:count]) if lines else type(error).__name__
+
+
+def check_count(count: int, limit: int, unit: str, key: str) -> None:
+    """Refuses ``count`` items of one request (texts, images, instances) over ``limit`` with a
+    413 naming the key that sets it."""
+    if count > limit:
+        raise PayloadTooLarge(f"{count} {unit} in one request; the limit is {limit} ({key})")

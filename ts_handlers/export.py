@@ -31,6 +31,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.export import Dim
 
+from ts_handlers.errors import first_lines
+
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "ts_handlers.json"  # name inside TorchScript's _extra_files
@@ -196,7 +198,7 @@ class AOTInductorFormat(ExportFormat):
                 )
         except Exception as error:  # torch.export raises many types; the user needs one message
             raise ExportError(
-                f"torch.export could not capture the model: {_first_lines(error)}\n"
+                f"torch.export could not capture the model: {first_lines(error, 6)}\n"
                 "Data-dependent Python control flow is the usual cause; save_mode 'torchscript' "
                 "(export_method 'trace') records one path through it and may work."
             ) from error
@@ -208,7 +210,7 @@ class AOTInductorFormat(ExportFormat):
             )
         except Exception as error:
             raise ExportError(
-                f"AOTInductor could not compile the exported model: {_first_lines(error)}\n"
+                f"AOTInductor could not compile the exported model: {first_lines(error, 6)}\n"
                 "save_mode 'torchscript' may work."
             ) from error
         with tempfile.TemporaryDirectory(prefix="ts-handlers-aoti-") as folder:
@@ -268,11 +270,6 @@ def _check_cpu_isa(path: Path, package_isa: str) -> None:
             f"{path.name} was compiled for {package_isa} and this CPU lacks {', '.join(missing)}: "
             "rebuild the archive on a machine with this CPU, or use save_mode 'torchscript'"
         )
-
-
-def _first_lines(error: Exception, lines: int = 6) -> str:
-    """torch.export's errors run to pages of guards and links; the cause is on top."""
-    return "\n".join(str(error).strip().splitlines()[:lines])
 
 
 def _onnx_format(**options: Any) -> ExportFormat:

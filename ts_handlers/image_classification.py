@@ -32,11 +32,17 @@ from ts_handlers.config import (
     PositiveInt,
     RequestOptions,
 )
-from ts_handlers.errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
+from ts_handlers.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RequestError,
+    UnsupportedMediaType,
+    check_count,
+)
 from ts_handlers.export import ExportPlan
 from ts_handlers.image_bytes import check_scan_work, check_structure
 from ts_handlers.payload import Request, decode_base64, reject_unknown_fields
-from ts_handlers.protocols import OutputTensor, labels_and_scores
+from ts_handlers.protocols import OutputTensor, Parsed, labels_and_scores
 from ts_handlers.tasks import Task
 
 COLOR_MODES = ("L", "RGB")
@@ -186,10 +192,13 @@ def image_to_tensor(image: Image.Image, config: ImageClassificationConfig) -> to
     return (pixels - mean) / std
 
 
-class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
+class ImageClassificationHandler(
+    TaskHandler[ImageClassificationConfig, ImageClassificationOptions]
+):
     config_class = ImageClassificationConfig
     options_class = ImageClassificationOptions
     kserve_binary = True  # a KServe instance is an image file, base64-encoded
+    instance_limit = ("images", "max_images_per_request")
 
     def with_defaults(self, options: ImageClassificationOptions) -> Any:
         return options.model_copy(update={"top_k": options.top_k or self.config.top_k})
@@ -229,7 +238,7 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
                 str(index) for index in range(self.export_metadata.get("num_classes", 10))
             ]
 
-    def decode(self, request: Request) -> Decoded:
+    def decode(self, request: Request) -> Decoded[ImageClassificationOptions]:
         if request.is_empty:
             raise InvalidInput(
                 'the request body is empty; send image bytes, base64, or JSON {"data": "<base64>"}'
@@ -256,16 +265,16 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
         options = self.read_options(request, payload)
         return Decoded(inputs=[self.image_tensor(raw)], options=options)
 
-    def check_instance_count(self, count: int) -> None:
-        limit = self.config.max_images_per_request
-        if count > limit:
-            raise PayloadTooLarge(
-                f"{count} images in one request; the limit is {limit} "
-                f"({SETUP_CONFIG_FILE} max_images_per_request)"
-            )
-
-    def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
-        self.check_instance_count(len(values))
+    def decode_instances(
+        self, parsed: Parsed, options: ImageClassificationOptions
+    ) -> Decoded[ImageClassificationOptions]:
+        values, field = parsed.instances, parsed.field
+        check_count(
+            len(values),
+            self.config.max_images_per_request,
+            "images",
+            f"{SETUP_CONFIG_FILE} max_images_per_request",
+        )
         inputs = []
         for index, raw in enumerate(values):
             try:
@@ -296,11 +305,14 @@ class ImageClassificationHandler(TaskHandler[ImageClassificationConfig]):
         probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
         return list(probabilities)
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
-        answers = [top_k_labels(row, self.labels, decoded.options.top_k) for row in outputs]
-        return answers[0] if decoded.single else answers
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[ImageClassificationOptions]
+    ) -> Any:
+        return [top_k_labels(row, self.labels, decoded.options.top_k) for row in outputs]
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[ImageClassificationOptions]
+    ) -> list[OutputTensor]:
         return labels_and_scores(self.encode(outputs, decoded))
 
 

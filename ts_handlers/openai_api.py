@@ -17,24 +17,22 @@ posted to ``/predictions/<model>`` is recognised by its shape (``input``, never 
 * errors: ``{"error": {"message", "type", "param", "code"}}`` with the request's own status,
   the shape the client turns into ``openai.BadRequestError`` and its siblings
 
-Like protocols.py this is data only: it parses a body and wraps an answer or an error, and
-calls the task through ``TaskHandler``'s hooks.
+A wire protocol (protocols.py), data only: it parses a body into texts and options and wraps
+an answer or an error; the base calls the task's hooks between them.
 """
 
 from __future__ import annotations
 
 import base64
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import orjson
 
-from ts_handlers.errors import MAX_MESSAGE_CHARS, InvalidInput, NotFound, PayloadTooLarge
+from ts_handlers.errors import InvalidInput, NotFound, shorten
 from ts_handlers.payload import Request, preview, reject_unknown_fields
-
-if TYPE_CHECKING:
-    from ts_handlers.base import Decoded, TaskHandler
+from ts_handlers.protocols import Decoded, Parsed, TaskSpec, WireProtocol
 
 # The route under /predictions/<model>/<version>/ (the client appends /embeddings to its
 # base_url, which ends in /v1).
@@ -59,20 +57,22 @@ def is_openai_body(payload: Any) -> bool:
     return isinstance(payload, dict) and "input" in payload and "inputs" not in payload
 
 
-class OpenAIEmbeddings:
-    """One request in OpenAI's embeddings API: decodes it through the task, wraps its answer."""
+class OpenAIEmbeddings(WireProtocol):
+    """One request in OpenAI's embeddings API: parses its texts, wraps its vectors."""
 
-    protocol = "OpenAI embeddings"
+    name = "OpenAI embeddings"
+    unit = "inputs"
 
     def __init__(self, payload: Any = None) -> None:
+        # The body, when it was recognised by its shape (already parsed); None: read on parse.
         self.payload = payload
         self.encoding_format: Literal["float", "base64"] = "float"
 
-    def decode(self, handler: TaskHandler, request: Request) -> Decoded:
-        if not handler.openai_embeddings:
+    def parse(self, request: Request, spec: TaskSpec) -> Parsed:
+        if not spec.embeds_text:
             raise NotFound(
-                f"{EMBEDDINGS_PATH}: this model ({type(handler).__name__}) does not embed text; "
-                "OpenAI's embeddings API is served by sentence_embedding archives"
+                f"{EMBEDDINGS_PATH}: this model ({spec.task}) does not embed text; OpenAI's "
+                "embeddings API is served by sentence_embedding archives"
             )
         payload = self.payload
         if payload is None:
@@ -81,7 +81,7 @@ class OpenAIEmbeddings:
             payload = request.json()
         if not isinstance(payload, dict):
             raise InvalidInput(f"the body must be a JSON object, {SHAPE}")
-        reject_unknown_fields(payload, [*OPENAI_FIELDS, *_task_options(handler)])
+        reject_unknown_fields(payload, [*OPENAI_FIELDS, *spec.option_names])
         texts = _texts(payload.get("input", None), "input" in payload)
         _name(payload, "model", required=True)
         _name(payload, "user", required=False)
@@ -92,29 +92,16 @@ class OpenAIEmbeddings:
                 f"{', '.join(map(repr, ENCODING_FORMATS))}"
             )
         self.encoding_format = encoding_format
-        handler.check_text_count(len(texts))
-        options = handler.read_options(request, payload)
-        self._check_answer_size(handler, len(texts), options)
-        decoded = handler.decode_texts(texts, options, single=False, field="input")
-        decoded.protocol = self
-        return decoded
+        return Parsed(list(texts), "input", self, payload)
 
-    @staticmethod
-    def _check_answer_size(handler: TaskHandler, count: int, options: Any) -> None:
-        """The answer's bound, before any work: the float form is the longer of the two."""
-        per_text = handler.answer_bytes_per_text(options) + ITEM_ENVELOPE_BYTES
-        size = ANSWER_ENVELOPE_BYTES + count * (per_text + 1)
-        limit = handler.config.max_response_size
-        if size > limit:
-            fits = max((limit - ANSWER_ENVELOPE_BYTES) // (per_text + 1), 0)
-            raise PayloadTooLarge(
-                f"the answer to {count} inputs could take {size} bytes, over the limit of "
-                f"{limit} (setup_config.json max_response_size, TorchServe's "
-                f"max_response_size); send at most {fits} inputs per request"
-            )
+    def answer_bound(self, count: int, per_input: int, limit: int) -> tuple[int, int, int]:
+        """The float form is the longer of the two."""
+        per_item = per_input + ITEM_ENVELOPE_BYTES
+        size = ANSWER_ENVELOPE_BYTES + count * (per_item + 1)
+        return size, limit, max((limit - ANSWER_ENVELOPE_BYTES) // (per_item + 1), 0)
 
-    def answer(self, handler: TaskHandler, outputs: list[Any], decoded: Decoded) -> Any:
-        vectors = np.asarray(handler.encode(outputs, decoded), dtype=np.float32)
+    def wrap(self, answers: Any, decoded: Decoded, spec: TaskSpec) -> Any:
+        vectors = np.asarray(answers, dtype=np.float32)
         if self.encoding_format == "base64":
             # What the client decodes: the little-endian float32 bytes of each vector.
             rows: list[Any] = [
@@ -122,38 +109,30 @@ class OpenAIEmbeddings:
             ]
         else:
             rows = list(vectors)  # float32 rows, written at float32's precision by orjson
-        tokens = handler.tokens_run(decoded)
         return {
             "object": "list",
             "data": [
                 {"object": "embedding", "index": index, "embedding": row}
                 for index, row in enumerate(rows)
             ],
-            "model": (handler.manifest or {}).get("model", {}).get("modelName", ""),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "model": spec.model_name,
+            "usage": {"prompt_tokens": decoded.tokens, "total_tokens": decoded.tokens},
         }
 
-    def explanation(self, handler: TaskHandler, decoded: Decoded) -> Any:
+    def wrap_explanations(self, explanations: list[Any], decoded: Decoded, spec: TaskSpec) -> Any:
         raise InvalidInput("OpenAI's embeddings API has no explanations; post to /predictions")
 
-    @staticmethod
-    def error_body(status: HTTPStatus | int, message: str) -> str:
+    def error_body(self, status: HTTPStatus | int, error_type: str, message: str) -> str:
         """OpenAI's error shape, which its clients raise as ``openai.APIStatusError``s."""
         status = HTTPStatus(status)
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         if status == HTTPStatus.TOO_MANY_REQUESTS:
             kind = "rate_limit_error"
         elif status >= 500:
             kind = "server_error"
         else:
             kind = "invalid_request_error"
-        error = {"message": message, "type": kind, "param": None, "code": None}
+        error = {"message": shorten(message), "type": kind, "param": None, "code": None}
         return orjson.dumps({"error": error}).decode()
-
-
-def _task_options(handler: TaskHandler) -> tuple[str, ...]:
-    return handler.options_class.names()
 
 
 def _texts(value: Any, present: bool) -> list[str]:

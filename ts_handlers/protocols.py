@@ -1,4 +1,9 @@
-"""KServe's two inference protocols, recognised per request: v1 and v2 (Open Inference Protocol).
+"""Wire protocols, as data: each parses a body into instances and options and wraps answers and
+errors; none imports or calls the handler (the base calls the task's hooks between them).
+
+Here: :class:`WireProtocol` (the interface), :class:`TaskForm` (the task's own forms) and
+KServe's two inference protocols, recognised per request: v1 and v2 (Open Inference Protocol).
+OpenAI's embeddings form is in openai_api.py.
 
 KServe's TorchServe runtime forwards the bodies of ``POST /v1/models/<m>:predict`` and
 ``POST /v2/models/<m>/infer`` unchanged to TorchServe's ``/predictions/<m>``; TorchServe's
@@ -18,27 +23,35 @@ recognised by its shape alone: ``instances``, or ``inputs`` holding objects (the
 ``{"inputs": "text" | ["t1", ...]}`` holds strings, so it stays the plain form).
 
 A task says how its instances become model inputs (``TaskHandler.decode_instances``) and how
-its answers become v2 output tensors (``TaskHandler.kserve_outputs``); everything else is here.
+its answers become v2 output tensors (``TaskHandler.kserve_outputs``); the protocol knows of
+the task only a :class:`TaskSpec`, data.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Annotated, Any, ClassVar, Generic, Literal, cast
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypeVar
 
-from ts_handlers.errors import MAX_MESSAGE_CHARS, InvalidInput
+from ts_handlers import errors
+from ts_handlers.config import RequestOptions, field_path
+from ts_handlers.errors import InvalidInput, check_count, shorten
 from ts_handlers.payload import Request, decode_base64, preview
 
-if TYPE_CHECKING:
-    from ts_handlers.base import Decoded, TaskHandler
+# Defaulted, so Decoded and a handler typed by its config alone still read.
+OptionsT = TypeVar("OptionsT", bound=RequestOptions, default=RequestOptions)
 
+# Instances one KServe request may carry for a task that sets no limit of its own (the
+# built-in tasks take max_texts_per_request / max_images_per_request).
+MAX_KSERVE_INSTANCES = 1024
 # The output name KServe's examples give an output that has no name of its own.
 DEFAULT_OUTPUT = "output-0"
 # The longest request id echoed back (KServe's own ids are 36-character UUIDs).
@@ -166,76 +179,184 @@ def labels_and_scores(answers: Sequence[Sequence[Mapping[str, Any]]]) -> list[Ou
     return [tensor, OutputTensor("labels", "BYTES", tensor.shape, labels)]
 
 
-def error_body(message: str) -> str:
-    """The error body both KServe protocols define: ``{"error": "..."}``, kept small."""
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
-    return orjson.dumps({"error": message}).decode()
+# Bytes a KServe answer adds around the answers: the v2 model name, id (up to 256 characters,
+# 6 bytes each when JSON escapes them), version and output tensor descriptions, or the v1
+# "predictions" key.
+KSERVE_ENVELOPE_BYTES = 4096
 
 
-# ---- the protocols ------------------------------------------------------------------------
+def answer_bytes(count: int, per_input: int) -> int:
+    """Bytes of a JSON list of ``count`` answers of at most ``per_input`` bytes each."""
+    return 2 + count * (per_input + 2)  # brackets, and ", " between items
 
 
-class KServeRequest:
-    """One request in a KServe protocol: decodes it through the task, and wraps its answers."""
+# ---- what a protocol knows of the task, and what it parses -------------------------------
 
-    protocol: str
+
+@dataclass
+class Decoded(Generic[OptionsT]):
+    """What one request contributes to the batch, and how to shape its answer."""
+
+    inputs: list[Any]
+    # The request's options, an instance of the task's ``options_class``.
+    options: OptionsT = field(default_factory=lambda: cast(Any, RequestOptions()))
+    # True when the client sent one input rather than a list: its protocol answers with one
+    # item, unwrapped.
+    single: bool = True
+    # Tokens the model runs for this request (after truncation, special tokens included,
+    # padding excluded): OpenAI's usage and the X-Compute-Tokens header; 0: not counted.
+    tokens: int = 0
+    # Set for a request answered without the model (a tokenize request): produces its answer.
+    answer: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a wire protocol knows of the task it parses for: data, read from the handler once
+    per batch. A protocol never sees the handler itself."""
+
+    # The handler's class name, for messages.
+    task: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    # Instances (v1 instances, v2 BYTES elements) are base64 of binary data (an image file)
+    # when True, text as sent when False.
+    binary: bool = False
+    # The per-request options the task accepts, by name.
+    option_names: tuple[str, ...] = ()
+    # Instances one request may carry, what they are called and the key that sets the limit.
+    max_instances: int = MAX_KSERVE_INSTANCES
+    instance_unit: str = "instances"
+    max_instances_key: str = "protocols.MAX_KSERVE_INSTANCES"
+    # True for a task that answers OpenAI's embeddings API (openai_api.py).
+    embeds_text: bool = False
+
+    def check_count(self, count: int) -> None:
+        check_count(count, self.max_instances, self.instance_unit, self.max_instances_key)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A body a protocol parsed: its instances (``str`` for text as sent, ``bytes`` for
+    base64-sent data) and the options it carries beside the ``X-`` headers."""
+
+    instances: list[str | bytes]
+    # Names the instances in error messages (instances, inputs[0].data, input).
+    field: str
+    # The protocol that parsed them: it bounds the answer's size (answer_bound).
+    protocol: WireProtocol
+    options: Mapping[str, Any] | None = None
+
+
+class WireProtocol:
+    """One wire form of a request: parses a body into instances and options, wraps answers and
+    errors. Data only: it never calls the handler (TaskHandler calls the task's hooks)."""
+
+    name: ClassVar[str] = ""
+    # True: ``wrap`` takes the task's Open Inference Protocol output tensors
+    # (``TaskHandler.kserve_outputs``); False: the task's answers (``TaskHandler.encode``).
+    tensors: ClassVar[bool] = False
+    # Names the instances in answer-size errors ("texts", "inputs").
+    unit: ClassVar[str] = "texts"
+
+    def parse(self, request: Request, spec: TaskSpec) -> Parsed:
+        raise NotImplementedError
+
+    def wrap(self, answers: Any, decoded: Decoded, spec: TaskSpec) -> Any:
+        """The answer to one request: ``answers`` holds one item per input (or the output
+        tensors, when ``tensors``)."""
+        raise NotImplementedError
+
+    def wrap_explanations(self, explanations: list[Any], decoded: Decoded, spec: TaskSpec) -> Any:
+        raise NotImplementedError
+
+    def error_body(self, status: HTTPStatus, error_type: str, message: str) -> str:
+        raise NotImplementedError
+
+    def answer_bound(self, count: int, per_input: int, limit: int) -> tuple[int, int, int]:
+        """(bytes the answer to ``count`` inputs of at most ``per_input`` bytes each could
+        take, the limit they are held to within ``limit`` bytes, the inputs that fit)."""
+        return answer_bytes(count, per_input), limit, max((limit - 2) // (per_input + 2), 0)
+
+
+class TaskForm(WireProtocol):
+    """The task's own request forms (raw bytes, text, its JSON): the task's ``decode`` parses
+    them, as only the task knows them. Answers are the task's, one item unwrapped when the
+    client sent one input; errors are ``{"code", "type", "message"}``."""
+
+    name = "the task's own form"
+
+    def wrap(self, answers: Any, decoded: Decoded, spec: TaskSpec) -> Any:
+        return answers[0] if decoded.single else answers
+
+    def wrap_explanations(self, explanations: list[Any], decoded: Decoded, spec: TaskSpec) -> Any:
+        return self.wrap(explanations, decoded, spec)
+
+    def error_body(self, status: HTTPStatus, error_type: str, message: str) -> str:
+        return errors.error_body(status, error_type, message)
+
+
+TASK_FORM = TaskForm()
+
+
+class KServeProtocol(WireProtocol):
+    """Both KServe protocols: ``{"error": "..."}`` bodies, answers escaped as JSON inside a
+    JSON string at worst (v2 BYTES), in an envelope of at most KSERVE_ENVELOPE_BYTES."""
 
     def __init__(self, payload: dict[str, Any]) -> None:
         self.payload = payload
 
-    def decode(self, handler: TaskHandler, request: Request) -> Decoded:
-        raise NotImplementedError
+    def error_body(self, status: HTTPStatus, error_type: str, message: str) -> str:
+        return orjson.dumps({"error": shorten(message)}).decode()
 
-    def answer(self, handler: TaskHandler, outputs: list[Any], decoded: Decoded) -> Any:
-        raise NotImplementedError
+    def answer_bound(self, count: int, per_input: int, limit: int) -> tuple[int, int, int]:
+        # JSON inside a JSON string at most doubles; then the KServe envelope.
+        limit = (limit - KSERVE_ENVELOPE_BYTES) // 2
+        size = 2 * answer_bytes(count, per_input) + KSERVE_ENVELOPE_BYTES
+        return size, limit, max((limit - 2) // (per_input + 2), 0)
 
-    def explanation(self, handler: TaskHandler, decoded: Decoded) -> Any:
-        raise NotImplementedError
 
-
-class V1Request(KServeRequest):
+class V1Request(KServeProtocol):
     """``{"instances": [...]}``; an instance is a string, ``{"data": ...}`` or
     ``{"b64": "<base64>"}`` (binary data, TensorFlow Serving's form). Options come from
     ``X-<Option>`` headers: the v1 body has no place for them."""
 
-    protocol = "KServe v1"
+    name = "KServe v1"
 
-    def decode(self, handler: TaskHandler, request: Request) -> Decoded:
+    def parse(self, request: Request, spec: TaskSpec) -> Parsed:
         _check_fields(self.payload, InstancesRequest, "the body", V1_SHAPE)
         instances = self.payload.get("instances")
         if isinstance(instances, list):  # counted before any is validated or decoded
-            handler.check_instance_count(len(instances))
+            spec.check_count(len(instances))
         body = _validate(InstancesRequest, self.payload, V1_SHAPE)
         values = [
-            _v1_value(item, f"instances[{index}]", handler.kserve_binary)
+            _v1_value(item, f"instances[{index}]", spec.binary)
             for index, item in enumerate(body.instances)
         ]
-        decoded = handler.decode_instances(values, handler.read_options(request), "instances")
-        decoded.single, decoded.protocol = False, self
-        return decoded
+        return Parsed(values, "instances", self)
 
-    def answer(self, handler: TaskHandler, outputs: list[Any], decoded: Decoded) -> Any:
-        return {"predictions": handler.encode(outputs, decoded)}
+    def wrap(self, answers: Any, decoded: Decoded, spec: TaskSpec) -> Any:
+        return {"predictions": answers}
 
-    def explanation(self, handler: TaskHandler, decoded: Decoded) -> Any:
-        return {"explanations": handler.explain_inputs(decoded.inputs, decoded)}
+    def wrap_explanations(self, explanations: list[Any], decoded: Decoded, spec: TaskSpec) -> Any:
+        return {"explanations": explanations}
 
 
-class V2Request(KServeRequest):
+class V2Request(KServeProtocol):
     """An Open Inference Protocol request with one BYTES input tensor: each element is one
     instance (a text, or a base64-encoded image)."""
 
-    protocol = "KServe v2"
+    name = "KServe v2"
+    tensors = True
     FIELD = "inputs[0].data"
 
     def __init__(self, payload: dict[str, Any]) -> None:
         super().__init__(payload)
-        # Filled by decode; a request that fails before has no answer to carry them.
+        # Filled by parse; a request that fails before has no answer to carry them.
         self.id = ""
         self.requested: list[str] | None = None
 
-    def decode(self, handler: TaskHandler, request: Request) -> Decoded:
+    def parse(self, request: Request, spec: TaskSpec) -> Parsed:
         _check_v2_structure(self.payload)
         body = _validate(InferRequest, self.payload, V2_SHAPE)
         # KServe answers a request without an id with a fresh one, so a client can match them.
@@ -248,43 +369,39 @@ class V2Request(KServeRequest):
                 "the instances as the elements of one BYTES tensor"
             )
         tensor = body.inputs[0]
-        binary = self._binary(handler, tensor)
+        binary = self._binary(spec, tensor)
         # The shape's dimensions are bounded (_check_v2_structure), so their product is cheap
         # and counts the instances before the data is read.
-        handler.check_instance_count(math.prod(tensor.shape))
+        spec.check_count(math.prod(tensor.shape))
         values = [
             _v2_value(item, f"{self.FIELD}[{index}]", binary)
             for index, item in enumerate(_elements(tensor))
         ]
-        options = handler.read_options(request, _parameters(handler, body.parameters))
-        decoded = handler.decode_instances(values, options, self.FIELD)
-        decoded.single, decoded.protocol = False, self
-        return decoded
+        return Parsed(values, self.FIELD, self, _parameters(spec, body.parameters))
 
     @staticmethod
-    def _binary(handler: TaskHandler, tensor: InferInput) -> bool:
-        what = "one base64-encoded image" if handler.kserve_binary else "one text"
+    def _binary(spec: TaskSpec, tensor: InferInput) -> bool:
+        what = "one base64-encoded image" if spec.binary else "one text"
         if tensor.datatype != "BYTES":
             raise InvalidInput(
                 f"inputs[0].datatype is {tensor.datatype}; this model takes BYTES, {what} "
                 "per element"
             )
         content_type = tensor.parameters.content_type if tensor.parameters else None
-        if handler.kserve_binary and content_type == "str":
+        if spec.binary and content_type == "str":
             raise InvalidInput(
                 'inputs[0].parameters.content_type "str" does not fit an image: send each '
                 'image base64-encoded (content_type "base64", or leave it out)'
             )
-        return handler.kserve_binary or content_type == "base64"
+        return spec.binary or content_type == "base64"
 
-    def answer(self, handler: TaskHandler, outputs: list[Any], decoded: Decoded) -> Any:
-        return self._response(handler, handler.kserve_outputs(outputs, decoded))
+    def wrap(self, answers: Any, decoded: Decoded, spec: TaskSpec) -> Any:
+        return self._response(answers, spec)
 
-    def explanation(self, handler: TaskHandler, decoded: Decoded) -> Any:
-        answers = handler.explain_inputs(decoded.inputs, decoded)
-        return self._response(handler, [json_per_input("explanations", answers)])
+    def wrap_explanations(self, explanations: list[Any], decoded: Decoded, spec: TaskSpec) -> Any:
+        return self._response([json_per_input("explanations", explanations)], spec)
 
-    def _response(self, handler: TaskHandler, tensors: list[OutputTensor]) -> dict[str, Any]:
+    def _response(self, tensors: list[OutputTensor], spec: TaskSpec) -> dict[str, Any]:
         if self.requested is not None:
             produced = {tensor.name: tensor for tensor in tensors}
             unknown = [name for name in self.requested if name not in produced]
@@ -294,15 +411,14 @@ class V2Request(KServeRequest):
                     f"model does not produce; its outputs are {', '.join(produced)}"
                 )
             tensors = [produced[name] for name in self.requested]
-        model = (handler.manifest or {}).get("model", {})
-        response = {"model_name": model.get("modelName", ""), "id": self.id}
-        if model.get("modelVersion"):
-            response["model_version"] = model["modelVersion"]
+        response = {"model_name": spec.model_name, "id": self.id}
+        if spec.model_version:
+            response["model_version"] = spec.model_version
         response["outputs"] = [tensor.to_json() for tensor in tensors]
         return response
 
 
-def recognise(payload: Any) -> KServeRequest | None:
+def recognise(payload: Any) -> KServeProtocol | None:
     """The KServe protocol a parsed JSON body is in; None for every other body."""
     if not isinstance(payload, dict):
         return None
@@ -382,8 +498,7 @@ def _check_v2_structure(payload: dict[str, Any]) -> None:
 
 def _problem(item: Any) -> str:
     """One validation problem, naming its field as the client wrote it: inputs[0].shape."""
-    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
-    key = key.lstrip(".") or "the body"
+    key = field_path(item["loc"], "the body")
     kind = item["type"]
     if kind == "extra_forbidden":
         return f"unknown field {key}"
@@ -436,10 +551,10 @@ def _elements(tensor: InferInput) -> list[Any]:
     return flat
 
 
-def _parameters(handler: TaskHandler, parameters: dict[str, Any] | None) -> dict[str, Any]:
+def _parameters(spec: TaskSpec, parameters: dict[str, Any] | None) -> dict[str, Any]:
     """The request's v2 parameters as request options; a name the task does not take: 400."""
     parameters = parameters or {}
-    accepted = handler.options_class.names()
+    accepted = spec.option_names
     unknown = sorted(set(parameters) - set(accepted))
     if unknown:
         raise InvalidInput(

@@ -34,7 +34,14 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, OptionBool, OptionInt, PositiveInt
+from ts_handlers.config import (
+    SETUP_CONFIG_FILE,
+    ConfigError,
+    OptionBool,
+    OptionInt,
+    PositiveInt,
+    read_json_object,
+)
 from ts_handlers.errors import InvalidInput
 from ts_handlers.export import ExportError, ExportPlan
 from ts_handlers.payload import preview
@@ -220,7 +227,7 @@ class PooledEncoder(nn.Module):
         return features["sentence_embedding"]
 
 
-class SentenceEmbeddingHandler(TextHandler):
+class SentenceEmbeddingHandler(TextHandler[SentenceEmbeddingConfig, SentenceEmbeddingOptions]):
     config_class = SentenceEmbeddingConfig
     options_class = SentenceEmbeddingOptions
     tokenize_options_class = SentenceTokenizeOptions
@@ -279,9 +286,11 @@ class SentenceEmbeddingHandler(TextHandler):
 
     def decode_texts(
         self, texts: list[str], options: Any, single: bool, field: str = "inputs"
-    ) -> Decoded:
+    ) -> Decoded[SentenceEmbeddingOptions]:
         """The texts with the request's prompt prepended, as encode() prepends it; with
-        include_prompt false each text also carries its prompt's length in tokens."""
+        include_prompt false each text also carries its prompt's length in tokens. Always a
+        list of vectors, also for one string: clients index the answer the same way."""
+        single = False
         prompt = options.prompt
         if not prompt:
             return super().decode_texts(texts, options, single, field)
@@ -317,22 +326,25 @@ class SentenceEmbeddingHandler(TextHandler):
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask).float()
 
-    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+    def answer_bytes_per_text(self, options: SentenceEmbeddingOptions) -> int:
         """One vector as JSON: each number at most MAX_FLOAT_CHARS, ", " between, brackets."""
         dimension = getattr(options, "dimensions", None) or self.config.embedding_dimension
         return answer_bytes(dimension, MAX_FLOAT_CHARS)
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SentenceEmbeddingOptions]
+    ) -> Any:
         embeddings = torch.stack(outputs)
         # Matryoshka: truncate first, then normalise, as encode(truncate_dim=...) does.
         embeddings = embeddings[:, : decoded.options.dimensions]
         if decoded.options.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
-        # Always a list of vectors, also for one string: clients index the answer the same way.
         # A float32 array: the answer is written at float32's precision (base._answer).
         return embeddings.numpy()
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SentenceEmbeddingOptions]
+    ) -> list[OutputTensor]:
         return [fp32_tensor("embeddings", self.encode(outputs, decoded))]  # [texts, dimension]
 
 
@@ -382,10 +394,10 @@ def read_sentence_transformer(folder: Path) -> SentenceTransformerFolder:
     pooling_dir = folder / modules[1].get("path", "")
     dense_dirs = tuple(folder / modules[2 + i].get("path", "") for i in range(len(tail)))
     pooling_path = pooling_dir / "config.json"
-    pooling = _read_json(pooling_path)
-    model_config = _read_json(transformer_dir / "config.json")
-    st_config = _read_json(transformer_dir / "sentence_bert_config.json")
-    tokenizer_config = _read_json(transformer_dir / "tokenizer_config.json")
+    pooling = read_json_object(pooling_path) or {}
+    model_config = read_json_object(transformer_dir / "config.json") or {}
+    st_config = read_json_object(transformer_dir / "sentence_bert_config.json") or {}
+    tokenizer_config = read_json_object(transformer_dir / "tokenizer_config.json") or {}
     positions = model_config.get("max_position_embeddings")
     # sentence-transformers < 5 saved max_seq_length here; later versions keep it in the
     # tokenizer's model_max_length, which the library caps at the position embeddings.
@@ -417,7 +429,7 @@ def read_sentence_transformer(folder: Path) -> SentenceTransformerFolder:
 
 def _read_prompts(path: Path) -> dict[str, Any]:
     """The prompts and default prompt name, as sentence-transformers reads them."""
-    saved = _read_json(path)
+    saved = read_json_object(path) or {}
     prompts = saved.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(
         isinstance(key, str) and isinstance(value, str | None) for key, value in prompts.items()
@@ -437,10 +449,6 @@ def _pooling_mode(pooling: dict[str, Any]) -> str:
         active = [name for key, name in LEGACY_POOLING_FLAGS.items() if pooling.get(key)]
         mode = active or ["mean"]
     return check_pooling_mode(mode)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def load_encoder(folder: Path) -> nn.Module:

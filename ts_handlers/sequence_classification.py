@@ -22,7 +22,13 @@ from pydantic import model_validator
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point, top_k_labels
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, OptionInt, PositiveInt
+from ts_handlers.config import (
+    SETUP_CONFIG_FILE,
+    ConfigError,
+    OptionInt,
+    PositiveInt,
+    read_json_object,
+)
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
@@ -125,9 +131,12 @@ def apply_function(logits: torch.Tensor, function: str) -> torch.Tensor:
     return logits
 
 
-class SequenceClassificationHandler(TextHandler):
+class SequenceClassificationHandler(
+    TextHandler[SequenceClassificationConfig, SequenceClassificationOptions]
+):
     config_class = SequenceClassificationConfig
     options_class = SequenceClassificationOptions
+    explanation_budget = "max_explanation_token_steps"
 
     def load_model(self) -> Any:
         if self.config.save_mode == "pretrained":
@@ -163,7 +172,7 @@ class SequenceClassificationHandler(TextHandler):
             pad_to_max_length=self.config.pad_to_max_length,
             atol=self.config.verify_atol,
         )
-        checkpoint = _read_json(self.model_dir / "config.json")
+        checkpoint = read_json_object(self.model_dir / "config.json") or {}
         id2label = checkpoint.get("id2label") or {}
         self.export_metadata = {
             **derived.metadata(),
@@ -215,21 +224,25 @@ class SequenceClassificationHandler(TextHandler):
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask).float()
 
-    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+    def answer_bytes_per_text(self, options: SequenceClassificationOptions) -> int:
         """top_k entries (at most one per label), each at most ``entry_bytes``."""
         return answer_bytes(min(options.top_k, len(self.labels)), self.entry_bytes)
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SequenceClassificationOptions]
+    ) -> Any:
         function, top_k = decoded.options.function_to_apply, decoded.options.top_k
         answers = [
             top_k_labels(apply_function(logits, function), self.labels, top_k) for logits in outputs
         ]
-        return answers[0] if decoded.single else answers
+        return answers
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[SequenceClassificationOptions]
+    ) -> list[OutputTensor]:
         return labels_and_scores(self.encode(outputs, decoded))
 
-    def explanation_cost(self, decoded: Decoded) -> int:
+    def explanation_cost(self, decoded: Decoded[SequenceClassificationOptions]) -> int:
         """Token-steps the request would run; refuses, before any work, an archive that cannot
         explain (400) and a request over max_explanation_texts or max_explanation_token_steps
         (413)."""
@@ -254,16 +267,11 @@ class SequenceClassificationHandler(TextHandler):
             )
         return cost
 
-    def explanation_budget(self) -> tuple[int, str]:
-        return (
-            self.config.max_explanation_token_steps,
-            f"{SETUP_CONFIG_FILE} max_explanation_token_steps",
-        )
-
-    def explain_inputs(self, inputs: list[Tokenized], decoded: Decoded) -> Any:
+    def explain_inputs(
+        self, inputs: list[Tokenized], decoded: Decoded[SequenceClassificationOptions]
+    ) -> Any:
         self._check_explains()
-        answers = [self._explain_one(item) for item in inputs]
-        return answers[0] if decoded.single else answers
+        return [self._explain_one(item) for item in inputs]
 
     def _check_explains(self) -> None:
         if self.config.save_mode != "pretrained" or not self.config.captum_explanation:
@@ -275,7 +283,7 @@ class SequenceClassificationHandler(TextHandler):
             )
 
     def _explain_one(self, item: Tokenized) -> dict[str, Any]:
-        target, scores, attributions, delta = explain(
+        target, scores, attributions, delta = integrated_gradients(
             self.model,
             self.embedding_layer,
             item.input_ids,
@@ -291,7 +299,7 @@ class SequenceClassificationHandler(TextHandler):
         }
 
 
-def explain(
+def integrated_gradients(
     model: nn.Module, layer: nn.Module, token_ids: list[int], pad_id: int, steps: int
 ) -> tuple[int, torch.Tensor, list[float], float]:
     """Layer integrated gradients for one unpadded text, for its top class.
@@ -430,7 +438,9 @@ def _check_explanation(
     name, layer = embedding_layer(model, config.embedding_name)
     token_ids = tokenizer("ts-handlers checks explanations at build time")["input_ids"]
     try:
-        explain(LogitsOnly(model), layer, token_ids, tokenizer.pad_token_id or 0, steps=4)
+        integrated_gradients(
+            LogitsOnly(model), layer, token_ids, tokenizer.pad_token_id or 0, steps=4
+        )
     except InvalidInput as error:  # captum is missing
         raise ConfigError(error.message) from None
     except Exception as error:
@@ -454,7 +464,7 @@ def _plan_user_model(config: SequenceClassificationConfig, folder: Path) -> Expo
 
     tokenizer = load_tokenizer(folder)
     model, exported = user_files.load_user_model(config)
-    checkpoint = _read_json(folder / "config.json")
+    checkpoint = read_json_object(folder / "config.json") or {}
     num_classes = output_width(model, tokenizer, config.max_length)
     id2label = checkpoint.get("id2label") or {}
     labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_classes)]
@@ -468,10 +478,6 @@ def _plan_user_model(config: SequenceClassificationConfig, folder: Path) -> Expo
     if checkpoint:
         files.append(folder / "config.json")
     return text_export_plan(config, model, tokenizer, files, metadata, exported=exported)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 handle = entry_point(SequenceClassificationHandler)

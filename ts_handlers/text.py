@@ -24,8 +24,10 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import nn
 from torch.export import Dim
+from typing_extensions import TypeVar
 
-from ts_handlers.base import Decoded, TaskHandler
+from ts_handlers.base import Decoded, Route, TaskHandler
+from ts_handlers.batch import TOKENS_HEADER as TOKENS_HEADER  # where tests import it from
 from ts_handlers.config import (
     SETUP_CONFIG_FILE,
     ConfigError,
@@ -33,12 +35,15 @@ from ts_handlers.config import (
     OptionBool,
     PositiveInt,
     RequestOptions,
-    explain,
+    validation_message,
 )
-from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge
+from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge, check_count, first_lines
 from ts_handlers.export import ExportPlan, one_at_a_time
 from ts_handlers.metrics import TOKENIZE
+from ts_handlers.openai_api import EMBEDDINGS_PATH
 from ts_handlers.payload import DEFAULT_MAX_RESPONSE_SIZE, Request, reject_unknown_fields
+from ts_handlers.protocols import TASK_FORM, Parsed, WireProtocol
+from ts_handlers.protocols import answer_bytes as answer_bytes  # the task modules' import
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +84,6 @@ FORM_URLENCODED = "application/x-www-form-urlencoded"
 # The route of a tokenize request (text-embeddings-inference's /tokenize), under
 # /predictions/<model>/<version>/.
 TOKENIZE_PATH = "tokenize"
-# text-embeddings-inference's response header: the tokens the model ran for this request.
-TOKENS_HEADER = "X-Compute-Tokens"
 FORM_FIELDS_HINT = (
     "no text found: the body was sent as form fields (curl -d does that); send the text with "
     'Content-Type: text/plain, as JSON {"inputs": ...}, or as a form field named "data"'
@@ -171,10 +174,16 @@ class Tokenized:
     first_window: bool = True
 
 
-class TextHandler(TaskHandler[Any]):
+TextConfigT = TypeVar("TextConfigT", bound=TextConfig)
+TextOptionsT = TypeVar("TextOptionsT", bound=TextOptions, default=TextOptions)
+
+
+class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
     """Base of the text tasks; subclasses implement ``run_model`` and ``encode``."""
 
     options_class: ClassVar[type[RequestOptions]] = TextOptions
+    instance_limit = ("texts", "max_texts_per_request")
+    prediction_budget = "max_tokens_per_batch"
     # True for a task that answers per token (token classification): ``tokenize`` keeps the
     # character offsets and the special-tokens mask, and ``forward`` cuts each text's output
     # rows to its own tokens.
@@ -197,7 +206,7 @@ class TextHandler(TaskHandler[Any]):
 
     # ---- decode ----------------------------------------------------------------------------
 
-    def decode(self, request: Request) -> Decoded:
+    def decode(self, request: Request) -> Decoded[TextOptionsT]:
         if request.is_empty:
             if request.params or request.content_type == FORM_URLENCODED:
                 raise InvalidInput(FORM_FIELDS_HINT)
@@ -214,12 +223,14 @@ class TextHandler(TaskHandler[Any]):
 
     # ---- tokenize (text-embeddings-inference's /tokenize) ----------------------------------
 
-    def route(self, path: str, request: Request) -> Decoded:
+    def route(self, path: str) -> Route:
         if path == TOKENIZE_PATH:
-            return self.decode_tokenize(request)
+            return Route(TASK_FORM, self.decode_tokenize)
+        if path == EMBEDDINGS_PATH:
+            return super().route(path)
         raise NotFound(
             f"this model serves no route {path!r}; its routes are {TOKENIZE_PATH!r}"
-            + (", 'v1/embeddings'" if self.openai_embeddings else "")
+            + (f", {EMBEDDINGS_PATH!r}" if self.openai_embeddings else "")
             + ", and /predictions/<model> itself"
         )
 
@@ -246,7 +257,7 @@ class TextHandler(TaskHandler[Any]):
                 {name: value for name, value in raw.items() if value is not None}
             )
         except ValidationError as error:
-            raise InvalidInput(explain(error, names)) from None
+            raise InvalidInput(validation_message(error, names)) from None
         texts = self.tokenize_texts(texts, options)
         self.check_text_chars(texts)
         tokens = 0
@@ -306,19 +317,11 @@ class TextHandler(TaskHandler[Any]):
             )
         return answer
 
-    def tokens_run(self, decoded: Decoded) -> int:
-        """The tokens the model runs for a request: after truncation, special tokens included
-        (padding excluded); what OpenAI's ``usage`` and the X-Compute-Tokens header report."""
-        return sum(len(item.input_ids) for item in decoded.inputs)
-
-    def response_headers(self, decoded: Decoded) -> dict[str, str]:
-        return {TOKENS_HEADER: str(self.tokens_run(decoded))}
-
-    def decode_instances(self, values: list[str | bytes], options: Any, field: str) -> Decoded:
-        """A KServe request's texts; base64-sent ones must be UTF-8."""
+    def decode_instances(self, parsed: Parsed, options: TextOptionsT) -> Decoded[TextOptionsT]:
+        """A KServe or OpenAI request's texts; base64-sent ones must be UTF-8."""
+        values, field = parsed.instances, parsed.field
         self.check_text_count(len(values))
-        # A KServe answer may hold each text's answer as JSON inside a JSON string (v2 BYTES).
-        self.check_answer_size(len(values), options, escaped=True)
+        self.check_answer_size(len(values), options, parsed.protocol)
         texts = []
         for index, value in enumerate(values):
             try:
@@ -350,25 +353,25 @@ class TextHandler(TaskHandler[Any]):
                     f"({SETUP_CONFIG_FILE} max_tokens_per_request). Send fewer or shorter texts"
                 )
             inputs.append(item)
-        return Decoded(inputs=inputs, options=options, single=single)
+        return Decoded(inputs, options, single, tokens=tokens_run(inputs))
 
     # ---- limits (docs/limits.md) -----------------------------------------------------------
 
-    def prediction_cost(self, decoded: Decoded) -> int:
+    def prediction_cost(self, decoded: Decoded[TextOptionsT]) -> int:
         """Token positions the request's texts will run (max_length each when padded to it)."""
         if self.config.pad_to_max_length:
             return self.config.max_length * len(decoded.inputs)
         return sum(len(item.input_ids) for item in decoded.inputs)
 
-    def prediction_budget(self) -> tuple[int, str]:
-        return self.config.max_tokens_per_batch, f"{SETUP_CONFIG_FILE} max_tokens_per_batch"
-
-    def answer_bytes_per_text(self, options: dict[str, Any]) -> int:
+    def answer_bytes_per_text(self, options: TextOptionsT) -> int:
         """An upper bound on the JSON bytes of one text's answer; 0: no bound to check."""
         return 0
 
-    def check_answer_size(self, count: int, options: Any, *, escaped: bool = False) -> None:
-        """Refuses a request whose answer could exceed max_response_size, before any work.
+    def check_answer_size(
+        self, count: int, options: Any, protocol: WireProtocol = TASK_FORM
+    ) -> None:
+        """Refuses a request whose answer could exceed max_response_size, before any work;
+        ``protocol`` (the request's) knows what its envelope adds.
 
         TorchServe's frontend checks each answer of a batch on its own against its
         max_response_size (docs/limits.md), so the bound is per request.
@@ -376,17 +379,13 @@ class TextHandler(TaskHandler[Any]):
         per_text = self.answer_bytes_per_text(options)
         if not per_text:
             return
-        limit = self.config.max_response_size
-        size = answer_bytes(count, per_text)
-        if escaped:  # JSON inside a JSON string at most doubles; then the KServe envelope
-            size = 2 * size + KSERVE_ENVELOPE_BYTES
-            limit = (limit - KSERVE_ENVELOPE_BYTES) // 2
+        size, limit, fits = protocol.answer_bound(count, per_text, self.config.max_response_size)
         if size > limit:
-            fits = max((limit - 2) // (per_text + 2), 0)
+            unit = protocol.unit
             raise PayloadTooLarge(
-                f"the answer to {count} texts could take {size} bytes, over the limit of "
+                f"the answer to {count} {unit} could take {size} bytes, over the limit of "
                 f"{limit} ({SETUP_CONFIG_FILE} max_response_size, TorchServe's max_response_size); "
-                f"send at most {fits} texts per request"
+                f"send at most {fits} {unit} per request"
             )
 
     def check_text_chars(self, texts: list[str]) -> None:
@@ -432,16 +431,13 @@ class TextHandler(TaskHandler[Any]):
             f'"inputs" must be a string or a list of strings, got {type(payload).__name__}'
         )
 
-    def check_instance_count(self, count: int) -> None:
-        self.check_text_count(count)
-
     def check_text_count(self, count: int) -> None:
-        limit = self.config.max_texts_per_request
-        if count > limit:
-            raise PayloadTooLarge(
-                f"{count} texts in one request; the limit is {limit} "
-                f"({SETUP_CONFIG_FILE} max_texts_per_request)"
-            )
+        check_count(
+            count,
+            self.config.max_texts_per_request,
+            "texts",
+            f"{SETUP_CONFIG_FILE} max_texts_per_request",
+        )
 
     def tokenize(
         self,
@@ -493,7 +489,7 @@ class TextHandler(TaskHandler[Any]):
         # The tokenizer reads its truncation_side at each call; a worker handles one batch at
         # a time, so setting it per text is safe.
         self.tokenizer.truncation_side = side
-        with self.batch_metrics.timed(TOKENIZE):
+        with self.batch.metrics.timed(TOKENIZE):
             encoding = self.tokenizer(
                 text,
                 truncation=truncate,
@@ -529,8 +525,8 @@ class TextHandler(TaskHandler[Any]):
         for group in self.batch_groups(order, inputs):
             input_ids, attention_mask = self.collate([inputs[i] for i in group])
             # Tokens per batch: the texts' own, and the positions the model runs (padding too).
-            self.batch_metrics.tokens += sum(len(inputs[i].input_ids) for i in group)
-            self.batch_metrics.padded_tokens += input_ids.numel()
+            self.batch.metrics.tokens += sum(len(inputs[i].input_ids) for i in group)
+            self.batch.metrics.padded_tokens += input_ids.numel()
             results = self.run_model(input_ids.to(self.device), attention_mask.to(self.device))
             for position, index in enumerate(group):
                 row = results[position]
@@ -563,17 +559,15 @@ class TextHandler(TaskHandler[Any]):
         return self.model(input_ids, attention_mask)
 
 
-# Bytes a KServe answer adds around the answers: the v2 model name, id (up to 256 characters,
-# 6 bytes each when JSON escapes them), version and output tensor descriptions, or the v1
-# "predictions" key (protocols.py).
-KSERVE_ENVELOPE_BYTES = 4096
 # Characters of the longest number JSON writes for a float ("-2.2250738585072014e-308").
 MAX_FLOAT_CHARS = 24
 
 
-def answer_bytes(count: int, per_text: int) -> int:
-    """Bytes of a JSON list of ``count`` answers of at most ``per_text`` bytes each."""
-    return 2 + count * (per_text + 2)  # brackets, and ", " between items
+def tokens_run(inputs: Sequence[Tokenized]) -> int:
+    """The tokens the model runs for a request's texts: after truncation, special tokens
+    included (padding excluded); what OpenAI's ``usage`` and the X-Compute-Tokens header
+    report."""
+    return sum(len(item.input_ids) for item in inputs)
 
 
 class LogitsOnly(nn.Module):
@@ -611,7 +605,7 @@ def load_archive_tokenizer(folder: Path) -> Any:
     try:
         return load_tokenizer(folder)
     except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(f"{fix} ({type(error).__name__}: {_first_line(error)})") from None
+        raise ConfigError(f"{fix} ({type(error).__name__}: {first_lines(error)})") from None
 
 
 def load_pretrained(auto_class: str, folder: str | Path, max_length: int | None = None) -> Any:
@@ -817,7 +811,7 @@ def _check_largest_id_runs(model: Any, tokenizer: Any, length: int) -> None:
         except Exception as error:
             raise ConfigError(
                 f"the model fails on the tokenizer's largest id {len(tokenizer) - 1} (is the "
-                f"tokenizer the model's own?): {_first_line(error)}"
+                f"tokenizer the model's own?): {first_lines(error)}"
             ) from None
 
 
@@ -843,7 +837,7 @@ def output_width(model: Any, tokenizer: Any, max_length: int) -> int:
                 output = model(input_ids, torch.tensor([mask]))
         except Exception as error:
             failure = f"the model fails on (input_ids, attention_mask) of shape 1x{len(ids)}: "
-            failure += _first_line(error)
+            failure += first_lines(error)
             continue
         if not isinstance(output, torch.Tensor) or output.ndim != 2 or len(output) != 1:
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -853,7 +847,3 @@ def output_width(model: Any, tokenizer: Any, max_length: int) -> int:
             )
         return int(output.shape[-1])
     raise ConfigError(failure)
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__

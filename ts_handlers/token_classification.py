@@ -37,6 +37,7 @@ from ts_handlers.text import (
     load_tokenizer,
     text_export_plan,
     tokenizer_files,
+    tokens_run,
 )
 
 # transformers' AggregationStrategy values.
@@ -85,7 +86,9 @@ def pipeline_postprocessing(tokenizer: Any, labels: list[str]) -> Any:
     return postprocessing
 
 
-class TokenClassificationHandler(TextHandler):
+class TokenClassificationHandler(
+    TextHandler[TokenClassificationConfig, TokenClassificationOptions]
+):
     config_class = TokenClassificationConfig
     options_class = TokenClassificationOptions
     token_outputs = True
@@ -129,7 +132,7 @@ class TokenClassificationHandler(TextHandler):
         longest_label = max(map(len, self.pipeline.model.config.id2label.values()))
         return ENTITY_BYTES + longest_label + MAX_FLOAT_CHARS
 
-    def answer_bytes_per_text(self, options: Any) -> int:
+    def answer_bytes_per_text(self, options: TokenClassificationOptions) -> int:
         """At most one entity per token, each with its word (escaped, at most 6 bytes a
         character), label, score and positions. With stride the bound is taken once the texts
         are tokenized (decode_texts): a text has as many tokens as it has."""
@@ -139,7 +142,7 @@ class TokenClassificationHandler(TextHandler):
 
     def decode_texts(
         self, texts: list[str], options: Any, single: bool, field: str = "inputs"
-    ) -> Decoded:
+    ) -> Decoded[TokenClassificationOptions]:
         """With ``stride``, each text in the pipeline's overlapping windows (one model input
         each, counted against max_tokens_per_request and the batch's budget); else truncated."""
         if options.stride is None:
@@ -176,7 +179,7 @@ class TokenClassificationHandler(TextHandler):
                 f"{config.max_response_size} ({SETUP_CONFIG_FILE} max_response_size); send "
                 "fewer or shorter texts"
             )
-        return Decoded(inputs=inputs, options=options, single=single)
+        return Decoded(inputs, options, single, tokens=tokens_run(inputs))
 
     def windows(self, text: str, index: int, stride: int, field: str) -> list[Tokenized]:
         """The text's windows, as the pipeline's tokenizer call with ``stride`` makes them."""
@@ -219,7 +222,9 @@ class TokenClassificationHandler(TextHandler):
             )
         ]
 
-    def encode(self, outputs: list[torch.Tensor], decoded: Decoded) -> Any:
+    def encode(
+        self, outputs: list[torch.Tensor], decoded: Decoded[TokenClassificationOptions]
+    ) -> Any:
         from transformers.pipelines.token_classification import AggregationStrategy
 
         strategy = AggregationStrategy(decoded.options.aggregation_strategy)
@@ -236,9 +241,11 @@ class TokenClassificationHandler(TextHandler):
             else self.pipeline.aggregate_overlapping_entities([e for w in windows for e in w])
             for windows in texts
         ]
-        return answers[0] if decoded.single else answers
+        return answers
 
-    def kserve_outputs(self, outputs: list[torch.Tensor], decoded: Decoded) -> list[OutputTensor]:
+    def kserve_outputs(
+        self, outputs: list[torch.Tensor], decoded: Decoded[TokenClassificationOptions]
+    ) -> list[OutputTensor]:
         # Entities per text vary in number and fields: one JSON list per text.
         return [json_per_input("entities", self.encode(outputs, decoded))]
 

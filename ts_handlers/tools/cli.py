@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, read_json_object
 
 DEFAULT_MODEL_STORE = Path("model_store")
 DEFAULT_CONFIGS_ROOT = Path("archiver_configs")
@@ -475,7 +475,7 @@ def setup_for_model(
             "pooling_mode": folder.pooling_mode,
             "max_length": folder.max_length,
         }, None
-    hf_config = _read_json(model_path / "config.json")
+    hf_config = read_json_object(model_path / "config.json")
     if hf_config is None:
         raise CommandError(
             f"{model_path} has neither modules.json (sentence-transformers) nor config.json "
@@ -511,8 +511,8 @@ def _index(item: tuple[Any, Any]) -> int:
 def _text_max_length(folder: Path) -> int:
     """The tokenizer's model_max_length, capped at the position table and MAX_TEXT_LENGTH."""
     limits = [MAX_TEXT_LENGTH]
-    tokenizer_config = _read_json(folder / "tokenizer_config.json") or {}
-    model_config = _read_json(folder / "config.json") or {}
+    tokenizer_config = read_json_object(folder / "tokenizer_config.json") or {}
+    model_config = read_json_object(folder / "config.json") or {}
     # Tokenizers without a limit store a huge number (1e30); the cap takes care of it.
     for value in (
         tokenizer_config.get("model_max_length"),
@@ -521,13 +521,6 @@ def _text_max_length(folder: Path) -> int:
         if _is_number(value) and value >= 2:
             limits.append(int(value))
     return min(limits)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
 
 
 def run_init(args: argparse.Namespace) -> int:

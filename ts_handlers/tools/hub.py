@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ts_handlers.config import ConfigError
+from ts_handlers.errors import first_lines
 
 # "name" or "owner/name": letters, digits, "-", "_", "."; no "..", no leading "." or "-".
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -82,7 +83,7 @@ def resolve(repo_id: str, revision: str | None = None) -> HubModel:
             ) from None
         raise ConfigError(
             f"{repo_id!r} is not a local folder, and the Hugging Face Hub could not provide it "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"({type(error).__name__}: {first_lines(error)}); "
             "check the id (owner/name), your access to it, and the network, or give the path "
             "of a save_pretrained folder"
         ) from None

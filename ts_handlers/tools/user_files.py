@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ts_handlers.config import ConfigError
+from ts_handlers.errors import first_lines
 from ts_handlers.export import one_at_a_time
 
 __all__ = [
@@ -83,7 +84,7 @@ def load_model_file(
     except RuntimeError as error:
         raise ConfigError(
             f"serialized_file {str(serialized_file)!r} does not fit {model_class_type.__name__}: "
-            f"{str(error).splitlines()[0]} (and {len(str(error).splitlines()) - 1} more lines)"
+            f"{first_lines(error)} (and {len(str(error).splitlines()) - 1} more lines)"
         ) from None
     return model.eval()
 
