@@ -309,9 +309,17 @@ def recognise(payload: Any) -> KServeRequest | None:
     if "instances" in payload:
         return V1Request(payload)
     inputs = payload.get("inputs")
-    if isinstance(inputs, list) and any(isinstance(item, dict) for item in inputs):
+    if isinstance(inputs, list) and any(
+        isinstance(item, dict) and not _is_text_pair(item) for item in inputs
+    ):
         return V2Request(payload)
     return None
+
+
+def _is_text_pair(item: dict[str, Any]) -> bool:
+    """``{"text": a, "text_pair": b}``, transformers.pipeline's text pair: the task's own
+    form, never a v2 tensor (which has a name, a datatype and data)."""
+    return "text" in item and not {"name", "datatype", "data", "shape"} & item.keys()
 
 
 # ---- internals ----------------------------------------------------------------------------
