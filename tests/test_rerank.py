@@ -21,7 +21,7 @@ import torch
 from harness import load_text_handler, run_batch, save_tiny_cross_encoder, write_text_config
 
 from ts_handlers.text import TextPair
-from ts_handlers.tools.build import build_archive
+from ts_handlers.tools.build import REPORT_FILE, build_archive
 
 MAX_LENGTH = 24
 ATOL = 1e-4
@@ -159,9 +159,10 @@ def test_segment_ids_are_in_the_signature_when_the_model_reads_them(archive, che
         assert handler.token_types == (architecture == "bert")
         session_inputs = [value.name for value in handler.model.session.get_inputs()]
         assert session_inputs == inputs
+        assert handler.export_metadata.get("inputs", inputs) == inputs
         with zipfile.ZipFile(mar_path) as mar:
-            report = json.loads(mar.read("export_report.json"))
-        assert report["verification"]["passed"], report
+            report = json.loads(mar.read(REPORT_FILE))
+        assert report["verification"]["dynamic_shapes"]["passed"] is True
     # The segment ids change the BERT model's answer: a graph fed zeros would be wrong.
     _, handler = archive("bert", "torchscript")
     (item,) = handler.decode_texts(
