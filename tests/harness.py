@@ -501,3 +501,12 @@ def save_tiny_cross_encoder(folder: Path, architecture: str, seed: int = 0) -> P
     getattr(transformers, model_name)(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_text_archive(root: Path, name: str, checkpoint: Path, **setup: Any) -> Path:
+    """``checkpoint`` taken through the real build as ``root/store/<name>.mar``, with a
+    sequence-classification ``setup_config.json`` (``setup`` overrides its keys)."""
+    config_dir = write_text_config(root / name, checkpoint, **setup)
+    mar_path = build_archive(config_dir, root / "store", force=True)
+    assert mar_path is not None
+    return mar_path

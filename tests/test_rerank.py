@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import torch
-from harness import load_text_handler, run_batch, save_tiny_cross_encoder, write_text_config
+from harness import build_text_archive, load_text_handler, run_batch, save_tiny_cross_encoder
 
 from ts_handlers.text import TextPair
-from ts_handlers.tools.build import REPORT_FILE, build_archive
+from ts_handlers.tools.build import REPORT_FILE
 
 MAX_LENGTH = 24
 ATOL = 1e-4
@@ -69,15 +69,14 @@ def archive(
         key = (architecture, save_mode)
         if key not in built:
             root = tmp_path_factory.mktemp(f"rerank_{architecture}_{save_mode}")
-            config_dir = write_text_config(
-                root / f"rerank_{architecture}",
+            mar_path = build_text_archive(
+                root,
+                f"rerank_{architecture}",
                 checkpoints[architecture],
                 save_mode=save_mode,
                 max_length=MAX_LENGTH,
                 inference_batch_size=4,
             )
-            mar_path = build_archive(config_dir, root / "store", force=True)
-            assert mar_path is not None
             built[key] = (mar_path, load_text_handler(mar_path, root / "model"))
         return built[key]
 

@@ -453,7 +453,7 @@ class TextHandler(TaskHandler[Any]):
             if "inputs" not in payload:
                 raise InvalidInput('the JSON body needs "inputs": a string or a list of strings')
             payload = payload["inputs"]
-            if pairs and isinstance(payload, dict):
+            if pairs and isinstance(payload, dict) and "text" in payload:
                 return [text_pair(payload, "inputs")], True
         if isinstance(payload, str):
             return [payload], True
@@ -463,7 +463,7 @@ class TextHandler(TaskHandler[Any]):
             self.check_text_count(len(payload))
             texts: list[Any] = []
             for index, item in enumerate(payload):
-                if pairs and isinstance(item, dict):
+                if pairs and isinstance(item, dict) and "text" in item:
                     texts.append(text_pair(item, f"inputs[{index}]"))
                 elif not isinstance(item, str):
                     kinds = 'a string or {"text": ..., "text_pair": ...}' if pairs else "a string"
@@ -474,7 +474,7 @@ class TextHandler(TaskHandler[Any]):
                     texts.append(item)
             return texts, False
         kinds = (
-            "a string, a list of strings or of text pairs"
+            "a string or a list of strings or text pairs"
             if pairs
             else "a string or a list of strings"
         )
@@ -758,6 +758,10 @@ class LogitsOnly(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if token_type_ids is None:  # one text, or a model without segment ids
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=False
+            )[0]
         return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
