@@ -5,19 +5,26 @@ which has none), each taken through the real build as TorchScript, AOTInductor a
 archives, all served by one TorchServe 0.12 with token authorization on. Requests go to
 ``/predictions/<model>/<version>/rerank`` (TorchServe hands ``rerank`` to the handler as
 ``url_path``) and, as a body, to ``/predictions/<model>``, concurrently with text-pair
-requests, so the pairs of different requests share dynamic batches.
+requests, so the pairs of different requests share dynamic batches. The demo reranker
+(``make archives``: ``model_store/reranker.mar`` from ``build/checkpoints/reranker``) is served
+beside them and checked the same way on its held-out queries.
 """
 
 from __future__ import annotations
 
+import csv
+import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import torch
 from harness import build_text_archive, save_tiny_cross_encoder
+from serving import MODEL_STORE, ROOT, require
 
 from ts_handlers.tools.server import LocalTorchServe
 
@@ -34,6 +41,11 @@ TEXTS = [
     "a quiet afternoon with tea, books and rain",
     "i hated every minute of this awful boring film",
 ]
+# The demo reranker's checkpoint (scripts/train_reranker.py); another folder for a trial run.
+DEMO_CHECKPOINT = Path(
+    os.environ.get("TS_HANDLERS_RERANKER_CHECKPOINT", ROOT / "build/checkpoints/reranker")
+)
+DEMO_MIN_ACCURACY = 0.9
 MODELS = [
     f"rerank_{architecture}_{short}"
     for architecture in ARCHITECTURES
@@ -55,12 +67,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 max_length=MAX_LENGTH,
                 inference_batch_size=8,
             )
+    shutil.copy(require(MODEL_STORE / "reranker.mar"), root / "store" / "reranker.mar")
     return {"store": root / "store", "checkpoints": checkpoints}
 
 
 @pytest.fixture(scope="module")
 def server(built: dict[str, Any]) -> Iterator[LocalTorchServe]:
-    with LocalTorchServe(built["store"], [f"{model}.mar" for model in MODELS]) as local:
+    archives = [f"{model}.mar" for model in MODELS] + ["reranker.mar"]
+    with LocalTorchServe(built["store"], archives) as local:
         yield local
 
 
@@ -144,3 +158,39 @@ def test_rerank_errors_over_http(server):
         assert key in response.json()["message"]
     wrong_route = session.post(f"{url}/{version}/v1/rerank", json=cases[0][0], timeout=60)
     assert wrong_route.status_code == 404
+
+
+def test_the_demo_reranker_ranks_held_out_queries_as_cross_encoder(server):
+    """Each held-out query ranks its sentence among 7 other held-out sentences on TorchServe,
+    as CrossEncoder.rank ranks them on the checkpoint."""
+    import random
+
+    from sentence_transformers import CrossEncoder
+
+    with require(DEMO_CHECKPOINT / "heldout.tsv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    oracle = CrossEncoder(str(DEMO_CHECKPOINT), max_length=128, device="cpu")
+    rng = random.Random(0)
+    session = requests.Session()
+    session.headers.update(server.auth_headers("inference"))
+    url = f"{server.inference_url}/predictions/reranker/1.0/rerank"
+    texts = [row["text"] for row in rows]
+    worst, first = 0.0, 0
+    for row in rows:
+        others = [text for text in texts if text != row["text"]]
+        candidates = [row["text"], *rng.sample(others, 7)]
+        response = session.post(url, json={"query": row["query"], "texts": candidates}, timeout=60)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        expected = oracle.rank(row["query"], candidates)
+        assert [item["index"] for item in answer] == [item["corpus_id"] for item in expected]
+        for got, want in zip(answer, expected, strict=True):
+            worst = max(worst, abs(got["score"] - want["score"]))
+        first += answer[0]["index"] == 0
+    accuracy = first / len(rows)
+    print(
+        f"demo reranker: {len(rows)} held-out queries, accuracy@1 {accuracy:.3f}, "
+        f"largest difference from CrossEncoder.rank {worst:.2e}"
+    )
+    assert worst <= ATOL
+    assert accuracy >= DEMO_MIN_ACCURACY
