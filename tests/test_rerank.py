@@ -214,6 +214,11 @@ def test_rerank_needs_one_output_and_old_graphs_refuse_pairs(archive, text_handl
     handler = text_handlers["torchscript"]  # three labels
     status, answer = rerank(handler, {"query": QUERY, "texts": TEXTS})
     assert status == 400 and "num_labels 1" in answer["message"]
+    # Explanations attribute single texts; a pair asks for one of what the model ran.
+    explaining = text_handlers["pretrained"]
+    pair = {"inputs": {"text": "tea", "text_pair": "rain"}}
+    ((status, answer, _),) = run_batch(explaining, [({"body": pair}, {"explain": "True"})])
+    assert status == 400 and "single texts" in answer["message"]
     _, bert = archive("bert", "torchscript")
     bert.token_types = False  # as an archive built before pairs were served
     try:

@@ -279,6 +279,11 @@ class SequenceClassificationHandler(TextHandler):
         explain (400) and a request over max_explanation_texts or max_explanation_token_steps
         (413)."""
         self._check_explains()
+        if any(item.pair for item in decoded.inputs):
+            raise InvalidInput(
+                "explanations take single texts; a text pair (or a rerank request) is "
+                "answered by /predictions"
+            )
         config = self.config
         texts = len(decoded.inputs)
         if texts > config.max_explanation_texts:

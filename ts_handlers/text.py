@@ -193,6 +193,8 @@ class Tokenized:
     # A text pair's segment ids (0 for the first text, 1 for the second) when the tokenizer
     # gives them; None: a single text, all zeros.
     token_type_ids: list[int] | None = None
+    # True for a text pair (TextPair), with or without segment ids.
+    pair: bool = False
 
 
 class TextHandler(TaskHandler[Any]):
@@ -637,6 +639,7 @@ class TextHandler(TaskHandler[Any]):
             input_ids=input_ids,
             text=first,
             token_type_ids=token_type_ids if self.token_types else None,
+            pair=True,
         )
 
     # ---- forward ---------------------------------------------------------------------------
