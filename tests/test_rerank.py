@@ -228,3 +228,35 @@ def test_rerank_needs_one_output_and_old_graphs_refuse_pairs(archive, text_handl
     finally:
         bert.token_types = True
     assert status == 400 and "rebuild" in answer["message"]
+
+
+def test_a_graph_traced_by_hand_with_token_type_ids_reranks_as_cross_encoder(
+    checkpoints, cross_encoders, tmp_path
+):
+    """TorchServe's example traces (input_ids, attention_mask, token_type_ids) at max_length;
+    served as it is (no ts_handlers.json), a pair's segment ids reach that third input."""
+    from harness import (
+        TORCHSERVE_EXAMPLE_SETUP,
+        handmade_model_dir,
+        make_context,
+        trace_like_torchserve_example,
+    )
+
+    from ts_handlers.sequence_classification import SequenceClassificationHandler
+
+    checkpoint = checkpoints["bert"]
+    traced = trace_like_torchserve_example(
+        checkpoint, tmp_path / "traced_model.pt", 3, max_length=MAX_LENGTH
+    )
+    setup = {**TORCHSERVE_EXAMPLE_SETUP, "num_labels": "1", "max_length": str(MAX_LENGTH)}
+    setup["captum_explanation"] = False
+    model_dir, manifest = handmade_model_dir(tmp_path / "model", checkpoint, traced, setup)
+    handler = SequenceClassificationHandler()
+    handler.initialize(make_context(model_dir, manifest))
+    assert handler.token_types
+    status, answer = rerank(handler, {"query": QUERY, "texts": TEXTS})
+    assert status == 200, answer
+    expected = cross_encoders["bert"].rank(QUERY, TEXTS)
+    assert [item["index"] for item in answer] == [item["corpus_id"] for item in expected]
+    for got, want in zip(answer, expected, strict=True):
+        assert got["score"] == pytest.approx(want["score"], abs=ATOL)

@@ -632,8 +632,9 @@ class TextHandler(TaskHandler[Any]):
         if token_type_ids is not None and not self.token_types and self.pairs_need_token_types:
             raise InvalidInput(
                 "this archive's graph takes no token_type_ids, which this model reads to tell "
-                "a pair's two texts apart (it was built before text pairs were served); "
-                "rebuild it with ts-handlers build to serve text pairs"
+                "a pair's two texts apart (an archive built before text pairs were served, or "
+                "a graph traced without them); rebuild it with ts-handlers build to serve text "
+                "pairs"
             )
         return Tokenized(
             input_ids=input_ids,
