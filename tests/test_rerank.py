@@ -260,3 +260,26 @@ def test_a_graph_traced_by_hand_with_token_type_ids_reranks_as_cross_encoder(
     assert [item["index"] for item in answer] == [item["corpus_id"] for item in expected]
     for got, want in zip(answer, expected, strict=True):
         assert got["score"] == pytest.approx(want["score"], abs=ATOL)
+
+
+def test_the_activation_a_cross_encoder_was_saved_with_scores_the_rerank(checkpoints, tmp_path):
+    """CrossEncoder(activation_fn=nn.Identity()).save(...) records it in config.json, and
+    CrossEncoder loads it back: rank then answers logits, and so does the archive's rerank."""
+    from sentence_transformers import CrossEncoder
+
+    saved = tmp_path / "identity"
+    CrossEncoder(
+        str(checkpoints["bert"]), max_length=MAX_LENGTH, activation_fn=torch.nn.Identity()
+    ).save(str(saved))
+    oracle = CrossEncoder(str(saved), max_length=MAX_LENGTH, device="cpu")
+    assert isinstance(oracle.activation_fn, torch.nn.Identity)
+    mar_path = build_text_archive(tmp_path, "identity", saved, max_length=MAX_LENGTH)
+    handler = load_text_handler(mar_path, tmp_path / "model")
+    assert handler.export_metadata["rerank_activation"] == "none"
+    status, answer = rerank(handler, {"query": QUERY, "texts": TEXTS})
+    assert status == 200, answer
+    expected = oracle.rank(QUERY, TEXTS)
+    assert min(item["score"] for item in expected) < 0 or max(e["score"] for e in expected) > 1
+    for got, want in zip(answer, expected, strict=True):
+        assert got["index"] == want["corpus_id"]
+        assert got["score"] == pytest.approx(want["score"], abs=ATOL)

@@ -25,13 +25,15 @@ through the handler's hooks.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from ts_handlers.config import SETUP_CONFIG_FILE, explain
+from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, explain
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.payload import Request, preview
 from ts_handlers.text import TextPair
@@ -46,12 +48,15 @@ SHAPE = (
     '{"query": "...", "texts": ["...", ...], "raw_scores"?: bool, "return_text"?: bool, '
     '"top_n"?: int}'
 )
-# Activations a cross-encoder's config.json may name (sentence-transformers saves the class's
-# full name under "sentence_transformers": {"activation_fn": ...}); the score each gives.
+# The activations a cross-encoder may be saved with, by the class's full name, and the score
+# each gives. sentence-transformers 6 writes it to config_sentence_transformers.json
+# ("activation_fn"), 4 and 5 to config.json ("sentence_transformers": {"activation_fn"}),
+# older versions to config.json ("sbert_ce_default_activation_function").
 ACTIVATIONS = {
     "torch.nn.modules.activation.Sigmoid": "sigmoid",
     "torch.nn.modules.linear.Identity": "none",
 }
+ST_CONFIG_FILE = "config_sentence_transformers.json"
 # Bytes of one answer item around its text: {"index":N,"score":F,"text":} at their longest.
 ITEM_BYTES = 64
 
@@ -81,15 +86,37 @@ def is_rerank_body(payload: Any) -> bool:
     )
 
 
-def activation_for(model_config: Any) -> str:
-    """The score function ``CrossEncoder`` applies by default: the activation its config.json
-    names (``sentence_transformers.activation_fn``), else sigmoid (one label)."""
-    if isinstance(model_config, dict):
-        settings = model_config.get("sentence_transformers")
-    else:
-        settings = getattr(model_config, "sentence_transformers", None)
-    name = (settings or {}).get("activation_fn") if isinstance(settings, dict) else None
-    return ACTIVATIONS.get(str(name), "sigmoid") if name else "sigmoid"
+def activation_for(model_config: Any, folder: str | Path | None = None) -> str:
+    """The score function ``CrossEncoder`` applies by default: the activation the checkpoint
+    was saved with (``folder``'s config_sentence_transformers.json, else its config.json, an
+    object or a dict), else sigmoid, the default for one label. One ts-handlers does not
+    apply is refused, naming it."""
+
+    def read(key: str) -> Any:
+        if isinstance(model_config, dict):
+            return model_config.get(key)
+        return getattr(model_config, key, None)
+
+    name = None
+    saved = Path(folder) / ST_CONFIG_FILE if folder is not None else None
+    if saved is not None and saved.is_file():
+        try:
+            name = json.loads(saved.read_text(encoding="utf-8")).get("activation_fn")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    if name is None:
+        settings = read("sentence_transformers")
+        name = settings.get("activation_fn") if isinstance(settings, dict) else None
+    if name is None:
+        name = read("sbert_ce_default_activation_function")
+    if name is None:
+        return "sigmoid"
+    if name not in ACTIVATIONS:
+        raise ConfigError(
+            f"the cross-encoder was saved with activation_fn {preview(name)}; ts-handlers "
+            f"scores reranks with {', '.join(ACTIVATIONS)} (raw_scores gives the logit)"
+        )
+    return ACTIVATIONS[name]
 
 
 class Rerank:

@@ -147,7 +147,7 @@ class SequenceClassificationHandler(TextHandler):
                 self.embedding_layer = embedding_layer(
                     self.eager_model, self.config.embedding_name
                 )[1]
-            self.export_metadata = checkpoint_metadata(self.eager_model)
+            self.export_metadata = checkpoint_metadata(self.eager_model, self.model_dir)
             return LogitsOnly(self.eager_model)
         model = super().load_model()
         if not self.export_metadata:
@@ -211,9 +211,11 @@ class SequenceClassificationHandler(TextHandler):
         # Pairs whose segment ids this graph cannot take are refused (text.py) rather than
         # answered differently from the pipeline.
         self.pairs_need_token_types = uses_token_types(self.tokenizer, checkpoint)
-        self.rerank_activation = self.export_metadata.get(
-            "rerank_activation", activation_for(checkpoint)
-        )
+        # The rerank score's activation, for a cross-encoder (one output): as the build
+        # recorded it, else as CrossEncoder reads it from the archive's files.
+        self.rerank_activation = self.export_metadata.get("rerank_activation")
+        if self.rerank_activation is None and self.num_classes() == 1:
+            self.rerank_activation = activation_for(checkpoint, self.model_dir)
         metadata = self.export_metadata
         num_classes = int(self.num_classes())
         if self.config.num_labels is not None and self.config.num_labels != num_classes:
@@ -411,9 +413,10 @@ def load_classifier(folder: str | Path, max_length: int | None = None) -> nn.Mod
     return load_pretrained("AutoModelForSequenceClassification", folder, max_length)
 
 
-def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
+def checkpoint_metadata(model: nn.Module, folder: Path | None = None) -> dict[str, Any]:
     """Class count, labels (``id2label``), problem type and, for a cross-encoder, the rerank
-    score's activation, from a checkpoint's config."""
+    score's activation, from a checkpoint's config (and ``folder``'s sentence-transformers
+    config)."""
     config = model.config
     metadata = {
         "num_labels": config.num_labels,
@@ -422,7 +425,7 @@ def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
         "problem_type": config.problem_type,
     }
     if config.num_labels == 1:
-        metadata["rerank_activation"] = activation_for(config)
+        metadata["rerank_activation"] = activation_for(config, folder)
     return metadata
 
 
@@ -463,7 +466,7 @@ def _plan_checkpoint(config: SequenceClassificationConfig, folder: Path) -> Expo
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model_name {config.model_name!r} is not a checkpoint folder")
     model = load_classifier(folder, config.max_length)
-    metadata = checkpoint_metadata(model)
+    metadata = checkpoint_metadata(model, folder)
     tokenizer = load_tokenizer(folder)
     if config.save_mode != "pretrained":
         # A model that reads segment ids (BERT) is exported with token_type_ids, so text pairs
