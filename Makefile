@@ -20,6 +20,7 @@ archives: setup
 	$(PY) scripts/train_digits.py
 	$(PY) scripts/train_sentiment.py
 	$(PY) scripts/train_ner.py
+	$(PY) scripts/train_reranker.py
 	$(PY) scripts/fetch_minilm.py
 	$(PY) -m ts_handlers.tools.build --all
 

@@ -229,15 +229,16 @@ def test_mnist_runs_in_cpp_at_parity(runner, archive, record_property, count) ->
         assert (predicted == labels[picked]).mean() >= 0.9
 
 
-def tokenized_batch(handler: Any) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+def tokenized_batch(handler: Any) -> tuple[list[Any], tuple[torch.Tensor, ...]]:
     """SENTENCES tokenized by the archive's tokenizer, then sorted by length and padded as the
     handler's forward sorts and pads one group (its collate pads to the group's longest text,
-    or to max_length when the archive says pad_to_max_length)."""
+    or to max_length when the archive says pad_to_max_length). The graph's inputs, in order:
+    input_ids, attention_mask, and token_type_ids for a model that reads segment ids (the
+    sentiment classifier: zeros for single texts)."""
     items = [handler.tokenize(text, index) for index, text in enumerate(SENTENCES)]
     assert len(items) <= handler.config.inference_batch_size  # one group, as the handler runs it
     group = sorted(items, key=lambda item: len(item.input_ids))
-    input_ids, attention_mask = handler.collate(group)
-    return items, input_ids, attention_mask
+    return items, handler.collate(group)
 
 
 # The reduced-precision archives too: a bfloat16 graph, and int8 layers on fbgemm's
@@ -246,7 +247,8 @@ def tokenized_batch(handler: Any) -> tuple[list[Any], torch.Tensor, torch.Tensor
 def test_text_model_runs_in_cpp_at_parity(runner, archive, record_property, name) -> None:
     text = archive(name)
     config = text.handler.config
-    items, input_ids, attention_mask = tokenized_batch(text.handler)
+    items, tensors = tokenized_batch(text.handler)
+    input_ids, attention_mask = tensors[:2]
     lengths = sorted(len(item.input_ids) for item in items)
     assert lengths[0] <= 5 and lengths[-1] == config.max_length, lengths  # short to truncated
     width = config.max_length if config.pad_to_max_length else lengths[-1]
@@ -254,7 +256,7 @@ def test_text_model_runs_in_cpp_at_parity(runner, archive, record_property, name
     assert input_ids.dtype == attention_mask.dtype == torch.int64
     assert attention_mask.sum(dim=1).tolist() == lengths
 
-    expected, result = check_parity(runner, text, (input_ids, attention_mask), record_property)
+    expected, result = check_parity(runner, text, tensors, record_property)
     metadata = result.metadata
     width = metadata["num_classes"] if name == "sentiment" else metadata["embedding_dimension"]
     assert expected.shape == (len(SENTENCES), width)
@@ -264,6 +266,6 @@ def test_text_model_runs_in_cpp_at_parity(runner, archive, record_property, name
 def test_one_text_alone_runs_in_cpp_at_parity(runner, archive, record_property, name) -> None:
     """No padding at all: one text, as a request of one short text runs."""
     text = archive(name)
-    input_ids, attention_mask = text.handler.collate([text.handler.tokenize(SENTENCES[2], 0)])
-    assert bool(attention_mask.all())
-    check_parity(runner, text, (input_ids, attention_mask), record_property)
+    tensors = text.handler.collate([text.handler.tokenize(SENTENCES[2], 0)])
+    assert bool(tensors[1].all())  # the attention mask
+    check_parity(runner, text, tensors, record_property)

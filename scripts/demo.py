@@ -95,11 +95,40 @@ def demo_ner(session: requests.Session, url: str) -> None:
             print(f"  {entity['entity_group']:>3} {entity['score']:.3f}  {entity['word']!r}")
 
 
+def demo_reranker(session: requests.Session, url: str) -> None:
+    query = "news about Unilever"
+    texts = [
+        "The conference in Kyoto was organised by Unilever.",
+        "Angela Merkel met Emmanuel Macron in Paris before flying back to Berlin.",
+        "Unilever opened a research centre in Nairobi last spring.",
+        "The mayor of Hanoi opened the new bridge.",
+    ]
+    # <version> is the archive's (ts-handlers build writes 1.0); TorchServe hands "rerank",
+    # the rest of the URL, to the handler.
+    answer = session.post(
+        f"{url}/predictions/reranker/1.0/rerank",
+        json={"query": query, "texts": texts, "return_text": True},
+        timeout=60,
+    ).json()
+    print(f"POST /predictions/reranker/1.0/rerank  query {query!r} (TEI's /rerank body):")
+    for item in answer:
+        print(f"  {item['score']:.3f}  [{item['index']}] {item['text']}")
+    pairs = session.post(
+        f"{url}/predictions/reranker",
+        json={"inputs": [{"text": query, "text_pair": text} for text in texts[:2]]},
+        timeout=60,
+    ).json()
+    print("the same model on text pairs ({'text': ..., 'text_pair': ...}):")
+    for text, labels in zip(texts, pairs, strict=False):
+        print(f"  {labels[0]['score']:.3f}  {text}")
+
+
 DEMOS: dict[str, Callable[[requests.Session, str], None]] = {
     "mnist.mar": demo_mnist,
     "sentiment.mar": demo_sentiment,
     "minilm.mar": demo_minilm,
     "ner.mar": demo_ner,
+    "reranker.mar": demo_reranker,
 }
 
 

@@ -461,3 +461,52 @@ def handmade_model_dir(
         }
     }
     return folder, manifest
+
+
+# ---- tiny cross-encoders (rerankers): one output, saved as sentence-transformers loads them -
+
+
+def save_tiny_cross_encoder(folder: Path, architecture: str, seed: int = 0) -> Path:
+    """A tiny random cross-encoder (``num_labels`` 1) in ``folder``: ``bert`` reads segment
+    ids (a ``BertTokenizerFast`` gives a pair's second text id 1, ``type_vocab_size`` 2);
+    ``roberta`` does not (byte-level BPE, ``<s> a </s></s> b </s>``, one segment)."""
+    import transformers
+
+    config_name, model_name, tokenizer_kind, sizes = TINY_ARCHITECTURES[architecture]
+    tokenizer = TOKENIZERS[tokenizer_kind]()
+    if architecture == "bert":  # BERT's own tokenizer class: token_type_ids for pairs
+        tokenizer = transformers.BertTokenizerFast(
+            tokenizer_object=tokenizer.backend_tokenizer,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+            model_max_length=64,
+        )
+    config = getattr(transformers, config_name)(
+        **{
+            "vocab_size": len(tokenizer),
+            "intermediate_size": 48,
+            "max_position_embeddings": 64,
+            "initializer_range": 0.5,  # wide weights: scores of different pairs differ clearly
+            "num_labels": 1,
+            "pad_token_id": tokenizer.pad_token_id,
+            **sizes,
+            # RoBERTa checkpoints have one segment embedding; BERT's have two.
+            **({"type_vocab_size": 1} if architecture == "roberta" else {}),
+        }
+    )
+    torch.manual_seed(seed)
+    getattr(transformers, model_name)(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_text_archive(root: Path, name: str, checkpoint: Path, **setup: Any) -> Path:
+    """``checkpoint`` taken through the real build as ``root/store/<name>.mar``, with a
+    sequence-classification ``setup_config.json`` (``setup`` overrides its keys)."""
+    config_dir = write_text_config(root / name, checkpoint, **setup)
+    mar_path = build_archive(config_dir, root / "store", force=True)
+    assert mar_path is not None
+    return mar_path

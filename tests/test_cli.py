@@ -274,6 +274,21 @@ def test_request_bodies(tmp_path: Path) -> None:
         cli.request_body(None, tmp_path / "missing.png")
 
 
+def test_a_query_makes_a_rerank_body_and_its_answer_prints_best_first() -> None:
+    body, content_type = cli.request_body(["tea", "the food was tasty"], None, "food")
+    assert body == {"query": "food", "texts": ["tea", "the food was tasty"], "return_text": True}
+    assert content_type == "application/json"
+    with pytest.raises(cli.CommandError, match="--text"):
+        cli.request_body(None, None, "food")
+    answer = [
+        {"index": 1, "score": 0.9312, "text": "the food was tasty"},
+        {"index": 0, "score": 0.01},
+    ]
+    assert cli.format_answer(answer, ["tea", "the food was tasty"]) == (
+        "  1. 0.9312  [1]  the food was tasty\n  2. 0.0100  [0]  tea"
+    )
+
+
 def test_labels_print_as_aligned_rows() -> None:
     answer = [{"label": "positive", "score": 0.91234}, {"label": "neg", "score": 0.0877}]
     assert cli.format_answer(answer) == "positive  0.9123\nneg       0.0877"

@@ -88,6 +88,12 @@ class TaskHandler(Generic[ConfigT, OptionsT]):
     kserve_binary: ClassVar[bool] = False
     # True for a task that answers OpenAI's embeddings API (openai_api.py).
     openai_embeddings: ClassVar[bool] = False
+    # True for a task that reads text pairs ({"text": a, "text_pair": b} in "inputs"), so it
+    # also takes a rerank body (rerank.py).
+    reads_text_pairs: ClassVar[bool] = False
+    # The function a one-output model's score goes through by default (a cross-encoder's
+    # activation); set at load by a task that reranks.
+    score_activation: str | None = None
     # (what an instance is, the config key limiting them per request) for KServe and OpenAI
     # requests; None: protocols.MAX_KSERVE_INSTANCES.
     instance_limit: ClassVar[tuple[str, str] | None] = None

@@ -36,6 +36,7 @@ from ts_handlers.metrics import DECODE, ENCODE, FORWARD, BatchMetrics
 from ts_handlers.openai_api import OpenAIEmbeddings, is_openai_body
 from ts_handlers.payload import Request
 from ts_handlers.protocols import TASK_FORM, Decoded, TaskSpec, WireProtocol, recognise
+from ts_handlers.rerank import Rerank, is_rerank_body
 
 if TYPE_CHECKING:
     from ts_handlers.base import TaskHandler
@@ -87,6 +88,9 @@ def task_spec(handler: TaskHandler) -> TaskSpec:
         binary=handler.kserve_binary,
         option_names=handler.options_class.names(),
         embeds_text=handler.openai_embeddings,
+        reads_text_pairs=handler.reads_text_pairs,
+        num_labels=len(handler.labels) if handler.labels else None,
+        score_activation=handler.score_activation,
         **limits,
     )
 
@@ -203,6 +207,8 @@ class Batch:
             return kserve
         if self.spec.embeds_text and is_openai_body(payload):
             return OpenAIEmbeddings(payload)
+        if self.spec.reads_text_pairs and is_rerank_body(payload):
+            return Rerank(payload)
         return TASK_FORM
 
     def _decode_instances(self, protocol: WireProtocol, request: Request) -> Decoded:

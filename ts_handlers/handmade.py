@@ -86,8 +86,15 @@ class TextGraph:
         self.graph = graph
         self.inputs = inputs
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         given = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:  # a text pair's segment ids; one text: zeros
+            given["token_type_ids"] = token_type_ids
         arguments = [given.get(name, torch.zeros_like(input_ids)) for name in self.inputs]
         return first_tensor(self.graph(*arguments))
 

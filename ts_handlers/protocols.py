@@ -230,9 +230,29 @@ class TaskSpec:
     max_instances_key: str = "protocols.MAX_KSERVE_INSTANCES"
     # True for a task that answers OpenAI's embeddings API (openai_api.py).
     embeds_text: bool = False
+    # True for a task that reads text pairs, so a rerank body is its (rerank.py).
+    reads_text_pairs: bool = False
+    # The task's labels (outputs per input) when it has a fixed number; None: it has none.
+    num_labels: int | None = None
+    # The function a one-output model's score goes through by default (a cross-encoder's
+    # activation, as sentence-transformers saved it): "sigmoid" or "none".
+    score_activation: str | None = None
 
     def check_count(self, count: int) -> None:
         check_count(count, self.max_instances, self.instance_unit, self.max_instances_key)
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """Two texts read together, as ``tokenizer(text, text_pair)`` reads them: a query and a
+    passage (reranking), a premise and a hypothesis (NLI). ``transformers.pipeline``'s form."""
+
+    text: str
+    text_pair: str
+
+    def chars(self, cut: int) -> int:
+        """Characters the tokenizer reads, each part cut at ``cut`` (see CHARS_PER_TOKEN)."""
+        return min(len(self.text), cut) + min(len(self.text_pair), cut)
 
 
 @dataclass(frozen=True)
@@ -240,7 +260,7 @@ class Parsed:
     """A body a protocol parsed: its instances (``str`` for text as sent, ``bytes`` for
     base64-sent data) and the options it carries beside the ``X-`` headers."""
 
-    instances: list[str | bytes]
+    instances: list[str | bytes | TextPair]
     # Names the instances in error messages (instances, inputs[0].data, input).
     field: str
     # The protocol that parsed them: it bounds the answer's size (answer_bound).
@@ -425,9 +445,17 @@ def recognise(payload: Any) -> KServeProtocol | None:
     if "instances" in payload:
         return V1Request(payload)
     inputs = payload.get("inputs")
-    if isinstance(inputs, list) and any(isinstance(item, dict) for item in inputs):
+    if isinstance(inputs, list) and any(
+        isinstance(item, dict) and not _is_text_pair(item) for item in inputs
+    ):
         return V2Request(payload)
     return None
+
+
+def _is_text_pair(item: dict[str, Any]) -> bool:
+    """``{"text": a, "text_pair": b}``, transformers.pipeline's text pair: the task's own
+    form, never a v2 tensor (which has a name, a datatype and data)."""
+    return "text" in item and not {"name", "datatype", "data", "shape"} & item.keys()
 
 
 # ---- internals ----------------------------------------------------------------------------

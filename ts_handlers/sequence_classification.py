@@ -1,7 +1,12 @@
 """Hugging Face sequence classification, verified against ``transformers.pipeline``.
 
 Request: ``text/plain``, JSON ``{"inputs": "text" | ["t1", ...], "top_k": k,
-"function_to_apply": "softmax" | "sigmoid" | "none"}``, or a bare JSON string or list. Answer
+"function_to_apply": "softmax" | "sigmoid" | "none"}``, or a bare JSON string or list. Text
+pairs as ``transformers.pipeline`` takes them: ``{"inputs": {"text": a, "text_pair": b}}`` or a
+list of those (mixed with plain texts if need be), tokenized as ``tokenizer(a, b)`` with the
+segment ids the model reads. A cross-encoder (one output) also reranks: ``{"query": q,
+"texts": [...]}`` on ``/predictions/<model>/<version>/rerank`` or ``/predictions/<model>``
+(rerank.py). Answer
 per text: ``[{"label": ..., "score": ...}, ...]`` sorted by score (all labels unless ``top_k``);
 a list input gets a list of those, in order. Scores are what the pipeline answers for the
 checkpoint's ``problem_type``: softmax (single label), sigmoid (multi-label, or one output with
@@ -22,6 +27,7 @@ from pydantic import model_validator
 from torch import nn
 
 from ts_handlers.base import Decoded, entry_point, top_k_labels
+from ts_handlers.batch import Route
 from ts_handlers.config import (
     SETUP_CONFIG_FILE,
     ConfigError,
@@ -33,10 +39,13 @@ from ts_handlers.errors import InvalidInput, PayloadTooLarge
 from ts_handlers.export import ExportPlan
 from ts_handlers.labels import check_label_count
 from ts_handlers.protocols import OutputTensor, labels_and_scores
+from ts_handlers.rerank import RERANK_PATH, Rerank, activation_for
 from ts_handlers.tasks import Task
 from ts_handlers.text import (
     MAX_FLOAT_CHARS,
+    TOKEN_TYPE_INPUTS,
     LogitsOnly,
+    PairLogits,
     TextConfig,
     TextHandler,
     TextOptions,
@@ -51,6 +60,7 @@ from ts_handlers.text import (
     output_width,
     text_export_plan,
     tokenizer_files,
+    uses_token_types,
 )
 
 # transformers.pipeline's ``function_to_apply`` values.
@@ -137,6 +147,7 @@ class SequenceClassificationHandler(
     config_class = SequenceClassificationConfig
     options_class = SequenceClassificationOptions
     explanation_budget = "max_explanation_token_steps"
+    reads_text_pairs = True
 
     def load_model(self) -> Any:
         if self.config.save_mode == "pretrained":
@@ -145,12 +156,15 @@ class SequenceClassificationHandler(
                 self.embedding_layer = embedding_layer(
                     self.eager_model, self.config.embedding_name
                 )[1]
-            self.export_metadata = checkpoint_metadata(self.eager_model)
+            self.export_metadata = checkpoint_metadata(self.eager_model, self.model_dir)
             return LogitsOnly(self.eager_model)
         model = super().load_model()
         if not self.export_metadata:
             return self.load_handmade(model)
         inputs = tuple(self.export_metadata.get("inputs") or ())
+        self.token_types = "token_type_ids" in inputs
+        if inputs == TOKEN_TYPE_INPUTS:  # our own export of a model that reads segment ids
+            return model
         if inputs and inputs != ("input_ids", "attention_mask"):
             # A user's graph with its own inputs, recorded by ts-handlers import.
             from ts_handlers.handmade import TextGraph
@@ -182,6 +196,7 @@ class SequenceClassificationHandler(
         if derived.pad_to_max_length != self.config.pad_to_max_length:
             self.config = self.config.replace(pad_to_max_length=derived.pad_to_max_length)
         self.same_length_batches = derived.same_length_batches
+        self.token_types = "token_type_ids" in derived.inputs
         return model
 
     def embedding_rows(self) -> int | None:
@@ -195,6 +210,21 @@ class SequenceClassificationHandler(
 
     def setup(self) -> None:
         super().setup()
+        if self.config.save_mode == "pretrained":
+            checkpoint = self.eager_model.config
+            self.token_types = uses_token_types(
+                self.tokenizer, checkpoint, self.eager_model.forward
+            )
+        else:
+            checkpoint = read_json_object(self.model_dir / "config.json") or {}
+        # Pairs whose segment ids this graph cannot take are refused (text.py) rather than
+        # answered differently from the pipeline.
+        self.pairs_need_token_types = uses_token_types(self.tokenizer, checkpoint)
+        # The rerank score's activation, for a cross-encoder (one output): as the build
+        # recorded it, else as CrossEncoder reads it from the archive's files.
+        self.score_activation = self.export_metadata.get("rerank_activation")
+        if self.score_activation is None and self.num_classes() == 1:
+            self.score_activation = activation_for(checkpoint, self.model_dir)
         metadata = self.export_metadata
         num_classes = int(self.num_classes())
         if self.config.num_labels is not None and self.config.num_labels != num_classes:
@@ -221,8 +251,20 @@ class SequenceClassificationHandler(
             }
         )
 
-    def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask).float()
+    def run_model(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if token_type_ids is None:
+            return self.model(input_ids, attention_mask).float()
+        return self.model(input_ids, attention_mask, token_type_ids).float()
+
+    def route(self, path: str) -> Route:
+        if path == RERANK_PATH:
+            return Route(Rerank())
+        return super().route(path)
 
     def answer_bytes_per_text(self, options: SequenceClassificationOptions) -> int:
         """top_k entries (at most one per label), each at most ``entry_bytes``."""
@@ -247,6 +289,11 @@ class SequenceClassificationHandler(
         explain (400) and a request over max_explanation_texts or max_explanation_token_steps
         (413)."""
         self._check_explains()
+        if any(item.pair for item in decoded.inputs):
+            raise InvalidInput(
+                "explanations take single texts; a text pair (or a rerank request) is "
+                "answered by /predictions"
+            )
         config = self.config
         texts = len(decoded.inputs)
         if texts > config.max_explanation_texts:
@@ -369,15 +416,20 @@ def load_classifier(folder: str | Path, max_length: int | None = None) -> nn.Mod
     return load_pretrained("AutoModelForSequenceClassification", folder, max_length)
 
 
-def checkpoint_metadata(model: nn.Module) -> dict[str, Any]:
-    """Class count, labels (``id2label``) and problem type, from a checkpoint's config."""
+def checkpoint_metadata(model: nn.Module, folder: Path | None = None) -> dict[str, Any]:
+    """Class count, labels (``id2label``), problem type and, for a cross-encoder, the rerank
+    score's activation, from a checkpoint's config (and ``folder``'s sentence-transformers
+    config)."""
     config = model.config
-    return {
+    metadata = {
         "num_labels": config.num_labels,
         "num_classes": config.num_labels,
         "labels": checkpoint_labels(model),
         "problem_type": config.problem_type,
     }
+    if config.num_labels == 1:
+        metadata["rerank_activation"] = activation_for(config, folder)
+    return metadata
 
 
 def prepare_export(config: SequenceClassificationConfig) -> ExportPlan:
@@ -417,11 +469,20 @@ def _plan_checkpoint(config: SequenceClassificationConfig, folder: Path) -> Expo
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model_name {config.model_name!r} is not a checkpoint folder")
     model = load_classifier(folder, config.max_length)
-    metadata = checkpoint_metadata(model)
+    metadata = checkpoint_metadata(model, folder)
     tokenizer = load_tokenizer(folder)
     if config.save_mode != "pretrained":
+        # A model that reads segment ids (BERT) is exported with token_type_ids, so text pairs
+        # run as the pipeline runs them; one that does not (RoBERTa) with two inputs.
+        token_types = uses_token_types(tokenizer, model.config, model.forward)
+        wrapper = PairLogits(model) if token_types else LogitsOnly(model)
         return text_export_plan(
-            config, LogitsOnly(model).eval(), tokenizer, tokenizer_files(folder), metadata
+            config,
+            wrapper.eval(),
+            tokenizer,
+            tokenizer_files(folder),
+            metadata,
+            token_types=token_types,
         )
     check_tokenizer_fits(tokenizer, embedding_rows(model), str(folder))
     files = [path for path in folder.iterdir() if path.is_file() and path.suffix != ".tsv"]

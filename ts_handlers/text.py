@@ -12,6 +12,7 @@ cut to ``max_length`` x CHARS_PER_TOKEN characters before tokenizing (docs/limit
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -41,8 +42,13 @@ from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge, check_co
 from ts_handlers.export import ExportPlan, one_at_a_time
 from ts_handlers.metrics import TOKENIZE
 from ts_handlers.openai_api import EMBEDDINGS_PATH
-from ts_handlers.payload import DEFAULT_MAX_RESPONSE_SIZE, Request, reject_unknown_fields
-from ts_handlers.protocols import TASK_FORM, Parsed, WireProtocol
+from ts_handlers.payload import (
+    DEFAULT_MAX_RESPONSE_SIZE,
+    Request,
+    preview,
+    reject_unknown_fields,
+)
+from ts_handlers.protocols import TASK_FORM, Parsed, TextPair, WireProtocol
 from ts_handlers.protocols import answer_bytes as answer_bytes  # the task modules' import
 
 logger = logging.getLogger(__name__)
@@ -92,6 +98,8 @@ FORM_FIELDS_HINT = (
 
 # Which end of a text over max_length is cut (the tokenizer's truncation_side).
 TruncationSide = Literal["right", "left"]
+# The graph inputs of a model that reads segment ids (BERT-style text pairs), in this order.
+TOKEN_TYPE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class TextConfig(HandlerConfig):
@@ -158,7 +166,7 @@ class TokenizeOptions(RequestOptions):
 
 @dataclass
 class Tokenized:
-    """One text, tokenized but not padded."""
+    """One text (or text pair), tokenized but not padded."""
 
     input_ids: list[int]
     text: str
@@ -172,6 +180,11 @@ class Tokenized:
     # False for the second and later windows of a text read with stride (token
     # classification): its outputs join the window before.
     first_window: bool = True
+    # A text pair's segment ids (0 for the first text, 1 for the second) when the tokenizer
+    # gives them; None: a single text, all zeros.
+    token_type_ids: list[int] | None = None
+    # True for a text pair (TextPair), with or without segment ids.
+    pair: bool = False
 
 
 TextConfigT = TypeVar("TextConfigT", bound=TextConfig)
@@ -194,6 +207,11 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
     # True for a graph with no attention_mask input (an archive made by hand): texts are
     # batched only with texts of their own length, so no padding reaches it (handmade.py).
     same_length_batches = False
+    # True when the graph takes token_type_ids (a third input): collate pads them per group.
+    token_types = False
+    # True when this model's tokenizer gives a pair's second text segment id 1 and the model
+    # reads it (BERT): a graph without token_type_ids cannot answer pairs as the pipeline does.
+    pairs_need_token_types = False
 
     def setup(self) -> None:
         if getattr(self, "tokenizer", None) is None:  # a hand-made archive loads it earlier
@@ -248,7 +266,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         names = options_class.names()
         if request.looks_like_json():
             payload = request.json()
-            texts, _ = self._texts_from_json(payload, names)
+            texts, _ = self._texts_from_json(payload, names, pairs=False)
         else:
             texts = [request.text()]
         raw = {name: request.option(name, payload) for name in names}
@@ -325,7 +343,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         texts = []
         for index, value in enumerate(values):
             try:
-                texts.append(value if isinstance(value, str) else value.decode("utf-8"))
+                texts.append(value if isinstance(value, str | TextPair) else value.decode("utf-8"))
             except UnicodeDecodeError as error:
                 raise InvalidInput(
                     f"{field}[{index}] is base64 of bytes that are not UTF-8 text "
@@ -395,7 +413,9 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         most CHARS_PER_TOKEN characters per token that passes the token budget passes this.
         """
         cut = self.config.max_text_chars
-        chars = sum(min(len(text), cut) for text in texts)
+        chars = sum(
+            text.chars(cut) if isinstance(text, TextPair) else min(len(text), cut) for text in texts
+        )
         budget = self.config.max_tokens_per_request * CHARS_PER_TOKEN
         if chars > budget:
             raise PayloadTooLarge(
@@ -406,8 +426,12 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
             )
 
     def _texts_from_json(
-        self, payload: Any, options: Sequence[str] | None = None
-    ) -> tuple[list[str], bool]:
+        self, payload: Any, options: Sequence[str] | None = None, *, pairs: bool | None = None
+    ) -> tuple[list[Any], bool]:
+        """The texts of a JSON body, and whether one text (not a list) was sent. With
+        ``pairs`` (default: the task's ``reads_text_pairs``), ``{"text": a, "text_pair": b}``
+        items are :class:`TextPair`s."""
+        pairs = self.reads_text_pairs if pairs is None else pairs
         if isinstance(payload, dict):
             if options is None:
                 options = self.options_class.names()
@@ -415,21 +439,32 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
             if "inputs" not in payload:
                 raise InvalidInput('the JSON body needs "inputs": a string or a list of strings')
             payload = payload["inputs"]
+            if pairs and isinstance(payload, dict) and "text" in payload:
+                return [text_pair(payload, "inputs")], True
         if isinstance(payload, str):
             return [payload], True
         if isinstance(payload, list):
             if not payload:
                 raise InvalidInput('"inputs" is an empty list; send at least one text')
             self.check_text_count(len(payload))
+            texts: list[Any] = []
             for index, item in enumerate(payload):
-                if not isinstance(item, str):
+                if pairs and isinstance(item, dict) and "text" in item:
+                    texts.append(text_pair(item, f"inputs[{index}]"))
+                elif not isinstance(item, str):
+                    kinds = 'a string or {"text": ..., "text_pair": ...}' if pairs else "a string"
                     raise InvalidInput(
-                        f"inputs[{index}] must be a string, got {type(item).__name__}"
+                        f"inputs[{index}] must be {kinds}, got {type(item).__name__}"
                     )
-            return payload, False
-        raise InvalidInput(
-            f'"inputs" must be a string or a list of strings, got {type(payload).__name__}'
+                else:
+                    texts.append(item)
+            return texts, False
+        kinds = (
+            "a string or a list of strings or text pairs"
+            if pairs
+            else "a string or a list of strings"
         )
+        raise InvalidInput(f'"inputs" must be {kinds}, got {type(payload).__name__}')
 
     def check_text_count(self, count: int) -> None:
         check_count(
@@ -441,7 +476,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
 
     def tokenize(
         self,
-        text: str,
+        text: str | TextPair,
         index: int,
         truncate: bool = True,
         field: str = "inputs",
@@ -450,18 +485,13 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         add_special_tokens: bool = True,
         side: str | None = None,
     ) -> Tokenized:
-        """One text as the model reads it; ``side`` ("right", "left"; None: the archive's
-        truncation_side) says which end a text over ``max_length`` loses. Offsets always index
-        the text as sent."""
-        if not text.strip():
-            raise InvalidInput(f"{field}[{index}] is empty or whitespace only")
-        try:  # JSON may carry "\ud800" escapes that no UTF-8 tokenizer can take
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise InvalidInput(
-                f"{field}[{index}] has an unpaired surrogate at char {error.start}; "
-                "send valid Unicode text"
-            ) from None
+        """One text (or :class:`TextPair`) as the model reads it; ``side`` ("right", "left";
+        None: the archive's truncation_side) says which end of a text over ``max_length`` is
+        cut (a pair loses tokens from its longer text first, the tokenizer's
+        ``longest_first``). Offsets always index the text as sent."""
+        if isinstance(text, TextPair):
+            return self._tokenize_pair(text, index, truncate, field, add_special_tokens, side)
+        text = self._checked(text, f"{field}[{index}]")
         max_length = self.config.max_length
         cut = self.config.max_text_chars
         side = side or self.config.truncation_side
@@ -474,14 +504,7 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
                     f"may have at most {cut} ({CHARS_PER_TOKEN} per token of max_length "
                     f"{max_length}). Shorten it or send truncate: true"
                 )
-            # Only the first max_length tokens are kept, and ordinary text has them well
-            # inside the first max_length x CHARS_PER_TOKEN characters: tokenizing the rest
-            # would cost time and change nothing (tests/test_limits.py checks that). Cut on
-            # the left, the last max_length tokens are inside the last characters likewise.
-            if side == "left":
-                shift, text = len(text) - cut, text[len(text) - cut :]
-            else:
-                text = text[:cut]
+            shift, text = self._cut(text, side)
         if self.config.do_lower_case:
             text = text.lower()
         # One tokenizer pass: truncate while tokenizing, or count every token to refuse.
@@ -516,6 +539,91 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
             special_tokens_mask=encoding.get("special_tokens_mask"),
         )
 
+    def _checked(self, text: str, name: str) -> str:
+        if not text.strip():
+            raise InvalidInput(f"{name} is empty or whitespace only")
+        try:  # JSON may carry "\ud800" escapes that no UTF-8 tokenizer can take
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidInput(
+                f"{name} has an unpaired surrogate at char {error.start}; send valid Unicode text"
+            ) from None
+        return text
+
+    def _cut(self, text: str, side: str) -> tuple[int, str]:
+        """(characters cut from the start, the text cut to ``max_text_chars``).
+
+        Only the first max_length tokens are kept, and ordinary text has them well inside the
+        first max_length x CHARS_PER_TOKEN characters: tokenizing the rest would cost time
+        and change nothing (tests/test_limits.py checks that). Cut on the left, the last
+        max_length tokens are inside the last characters likewise.
+        """
+        cut = self.config.max_text_chars
+        if len(text) <= cut:
+            return 0, text
+        if side == "left":
+            return len(text) - cut, text[len(text) - cut :]
+        return 0, text[:cut]
+
+    def _tokenize_pair(
+        self,
+        pair: TextPair,
+        index: int,
+        truncate: bool,
+        field: str,
+        add_special_tokens: bool,
+        side: str | None,
+    ) -> Tokenized:
+        """A pair as ``tokenizer(text, text_pair, truncation="longest_first")`` reads it, what
+        ``transformers.pipeline`` (with truncation) and sentence-transformers' CrossEncoder
+        run; its segment ids when the tokenizer gives them."""
+        name = f"{field}[{index}]"
+        first = self._checked(pair.text, f"{name}.text" if field == "inputs" else "query")
+        second = self._checked(pair.text_pair, f"{name}.text_pair" if field == "inputs" else name)
+        max_length = self.config.max_length
+        cut = self.config.max_text_chars
+        side = side or self.config.truncation_side
+        if not truncate and max(len(first), len(second)) > cut:
+            raise PayloadTooLarge(
+                f"{name} has a text of {max(len(first), len(second))} characters; with "
+                f"truncate: false a text may have at most {cut} ({CHARS_PER_TOKEN} per token "
+                f"of max_length {max_length}). Shorten it or send truncate: true"
+            )
+        first, second = self._cut(first, side)[1], self._cut(second, side)[1]
+        if self.config.do_lower_case:
+            first, second = first.lower(), second.lower()
+        self.tokenizer.truncation_side = side
+        with self.batch.metrics.timed(TOKENIZE):
+            encoding = self.tokenizer(
+                first,
+                second,
+                truncation="longest_first" if truncate else False,
+                max_length=max_length,
+                add_special_tokens=add_special_tokens,
+            )
+        input_ids = encoding["input_ids"]
+        if len(input_ids) > max_length:
+            raise PayloadTooLarge(
+                f"{name} is {len(input_ids)} tokens as a pair; this model reads at most "
+                f"{max_length}. Shorten it or send truncate: true"
+            )
+        token_type_ids = encoding.get("token_type_ids")
+        if token_type_ids is not None and not any(token_type_ids):
+            token_type_ids = None
+        if token_type_ids is not None and not self.token_types and self.pairs_need_token_types:
+            raise InvalidInput(
+                "this archive's graph takes no token_type_ids, which this model reads to tell "
+                "a pair's two texts apart (an archive built before text pairs were served, or "
+                "a graph traced without them); rebuild it with ts-handlers build to serve text "
+                "pairs"
+            )
+        return Tokenized(
+            input_ids=input_ids,
+            text=first,
+            token_type_ids=token_type_ids if self.token_types else None,
+            pair=True,
+        )
+
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(self, inputs: list[Tokenized]) -> list[Any]:
@@ -523,11 +631,12 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].input_ids))
         outputs: list[Any] = [None] * len(inputs)
         for group in self.batch_groups(order, inputs):
-            input_ids, attention_mask = self.collate([inputs[i] for i in group])
+            tensors = self.collate([inputs[i] for i in group])
             # Tokens per batch: the texts' own, and the positions the model runs (padding too).
             self.batch.metrics.tokens += sum(len(inputs[i].input_ids) for i in group)
-            self.batch.metrics.padded_tokens += input_ids.numel()
-            results = self.run_model(input_ids.to(self.device), attention_mask.to(self.device))
+            self.batch.metrics.padded_tokens += tensors[0].numel()
+            # (input_ids, attention_mask), and token_type_ids for a graph that takes them.
+            results = self.run_model(*(tensor.to(self.device) for tensor in tensors))
             for position, index in enumerate(group):
                 row = results[position]
                 if self.token_outputs:  # (padded width, ...) -> this text's own tokens
@@ -550,10 +659,18 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
                 groups.append([index])
         return groups
 
-    def collate(self, items: Sequence[Tokenized]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, items: Sequence[Tokenized]) -> tuple[torch.Tensor, ...]:
+        """(input_ids, attention_mask), and token_type_ids when the graph takes them."""
         width = self.config.max_length if self.config.pad_to_max_length else None
         token_ids = [item.input_ids for item in items]
-        return padded(token_ids, self.tokenizer.pad_token_id or 0, width)
+        input_ids, attention_mask = padded(token_ids, self.tokenizer.pad_token_id or 0, width)
+        if not self.token_types:
+            return input_ids, attention_mask
+        token_type_ids = torch.zeros_like(input_ids)
+        for row, item in enumerate(items):
+            if item.token_type_ids is not None:
+                token_type_ids[row, : len(item.token_type_ids)] = torch.tensor(item.token_type_ids)
+        return input_ids, attention_mask, token_type_ids
 
     def run_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
@@ -570,6 +687,47 @@ def tokens_run(inputs: Sequence[Tokenized]) -> int:
     return sum(len(item.input_ids) for item in inputs)
 
 
+def text_pair(item: dict[str, Any], name: str) -> TextPair | str:
+    """``{"text": a, "text_pair": b}`` as ``transformers.pipeline("text-classification")``
+    takes it; ``{"text": a}`` alone is one text."""
+    unknown = sorted(set(item) - {"text", "text_pair"})
+    if unknown:
+        shown = ", ".join(preview(key, quote=False) for key in unknown[:10])
+        raise InvalidInput(f"{name}: unknown field(s) {shown}; a text pair has text, text_pair")
+    values = []
+    for key in ("text", "text_pair"):
+        value = item.get(key)
+        if value is None and key == "text_pair":
+            return values[0]
+        if not isinstance(value, str):
+            raise InvalidInput(
+                f"{name}.{key} must be a string, got "
+                f"{'nothing' if value is None else type(value).__name__}; a text pair is "
+                '{"text": "...", "text_pair": "..."}'
+            )
+        values.append(value)
+    return TextPair(*values)
+
+
+def uses_token_types(tokenizer: Any, model_config: Any, forward: Any = None) -> bool:
+    """True when the tokenizer gives a pair's second text segment id 1 and the model reads it
+    (BERT, ELECTRA, ALBERT: ``type_vocab_size`` 2); not for RoBERTa (its tokenizer gives
+    none, its one segment embedding) or DeBERTa-v2 (``type_vocab_size`` 0: read as none).
+    ``model_config`` is the checkpoint's config (an object or its config.json as a dict);
+    ``forward``, when given, must take ``token_type_ids``."""
+    if "token_type_ids" not in getattr(tokenizer, "model_input_names", ()):
+        return False
+    if isinstance(model_config, dict):
+        types = model_config.get("type_vocab_size")
+    else:
+        types = getattr(model_config, "type_vocab_size", None)
+    if not isinstance(types, int) or types < 2:
+        return False
+    if forward is not None:
+        return "token_type_ids" in inspect.signature(forward).parameters
+    return True
+
+
 class LogitsOnly(nn.Module):
     """Returns the logits tensor alone, so the model traces cleanly under transformers 5."""
 
@@ -577,8 +735,38 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if token_type_ids is None:  # one text, or a model without segment ids
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=False
+            )[0]
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=False,
+        )[0]
+
+
+class PairLogits(LogitsOnly):
+    """The logits of a model that reads segment ids: exported with three inputs (named so in
+    the TorchScript, AOTInductor and ONNX signatures), so a text pair's second text keeps
+    segment id 1."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=False,
+        )[0]
 
 
 def load_tokenizer(folder: str | Path) -> Any:
@@ -643,8 +831,13 @@ def text_export_inputs(
     max_length: int,
     batch_sizes: Sequence[int] = (1, 3, 8),
     seq_lengths: Sequence[int] = (7, 33),
+    token_types: bool = False,
 ) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
-    """Random token batches with ragged padding: (every shape, max_length-only shapes)."""
+    """Random token batches with ragged padding: (every shape, max_length-only shapes).
+
+    With ``token_types``, each batch also has token_type_ids as text pairs have them: each
+    row's tokens after a random point are segment 1 (the first row stays one text), so
+    verification covers what segment ids change."""
     generator = torch.Generator().manual_seed(0)
     high = len(tokenizer)
     low = max(tokenizer.all_special_ids or [0]) + 1
@@ -660,7 +853,14 @@ def text_export_inputs(
             input_ids[row, keep:] = tokenizer.pad_token_id or 0
             attention_mask[row, keep:] = 0
         input_ids[:, 0] = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else low
-        return input_ids, attention_mask
+        if not token_types:
+            return input_ids, attention_mask
+        token_type_ids = torch.zeros_like(input_ids)
+        for row in range(1, size):
+            real = int(attention_mask[row].sum())
+            split = int(torch.randint(1, real, (1,), generator=generator)) if real > 1 else real
+            token_type_ids[row, split:real] = 1
+        return input_ids, attention_mask, token_type_ids
 
     dynamic = [batch(size, length) for size in batch_sizes for length in (*seq_lengths, max_length)]
     fixed = [batch(size, max_length) for size in batch_sizes]
@@ -675,10 +875,13 @@ def text_export_plan(
     metadata: dict[str, Any],
     *,
     exported: torch.nn.Module | None = None,
+    token_types: bool = False,
 ) -> ExportPlan:
     """The plan both text tasks hand to the build: trace on (2, 16), verify ragged batches.
 
-    ``model`` maps ``(input_ids, attention_mask)`` to one output row per text. With
+    ``model`` maps ``(input_ids, attention_mask)`` to one output row per text, or, with
+    ``token_types``, ``(input_ids, attention_mask, token_type_ids)``: the exported signature
+    then has the three, and verification runs text pairs' segment ids. With
     ``exported`` (the user's own TorchScript, ``model`` is then that same graph) there is no
     eager model: each text run alone and unpadded is the reference, which also decides whether
     batches may be padded per group or must be padded to ``max_length``.
@@ -686,8 +889,12 @@ def text_export_plan(
     rows = check_tokenizer_fits(tokenizer, embedding_rows(model), "the model")
     if rows is None:
         _check_largest_id_runs(model, tokenizer, config.max_length)
-    dynamic, fixed = text_export_inputs(tokenizer, config.max_length)
-    example = text_export_inputs(tokenizer, config.max_length, (2,), (16,))[0][0]
+    dynamic, fixed = text_export_inputs(tokenizer, config.max_length, token_types=token_types)
+    example = text_export_inputs(
+        tokenizer, config.max_length, (2,), (16,), token_types=token_types
+    )[0][0]
+    if token_types:
+        metadata = {**metadata, "inputs": list(TOKEN_TYPE_INPUTS)}
     plan = ExportPlan(
         model=None if exported is not None else model,
         example_inputs=example,
@@ -698,7 +905,7 @@ def text_export_plan(
     )
     # torch.export: any batch size, any sequence length up to max_length, shared by both inputs.
     batch, sequence = Dim("batch", min=1), Dim("sequence", min=1, max=config.max_length)
-    plan.dynamic_shapes = [{0: batch, 1: sequence}, {0: batch, 1: sequence}]
+    plan.dynamic_shapes = [{0: batch, 1: sequence} for _ in example]
     if exported is not None:
         plan.exported = exported
         plan.reference = one_text_at_a_time(exported)
@@ -710,6 +917,10 @@ def text_export_plan(
         plan.calibration_inputs = calibration_batches(
             tokenizer, texts, config.max_length, config.inference_batch_size
         )
+        if token_types:  # one text each: segment 0 throughout
+            plan.calibration_inputs = [
+                (*batch, torch.zeros_like(batch[0])) for batch in plan.calibration_inputs
+            ]
         plan.calibration_source = f"{len(texts)} texts of {config.calibration_file}"
     return plan
 
@@ -760,12 +971,19 @@ def padded(
 def one_text_at_a_time(model: Any) -> Any:
     """Runs each row alone, cut to its own length: what an unbatched, unpadded call answers."""
 
-    def reference(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def reference(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, *more: torch.Tensor
+    ) -> torch.Tensor:
         rows = []
         for row in range(len(input_ids)):
             length = int(attention_mask[row].sum())
             rows.append(
-                model(input_ids[row : row + 1, :length], attention_mask[row : row + 1, :length])
+                model(
+                    *(
+                        tensor[row : row + 1, :length]
+                        for tensor in (input_ids, attention_mask, *more)
+                    )
+                )
             )
         return torch.cat(rows)
 

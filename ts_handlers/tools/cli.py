@@ -8,6 +8,7 @@
     ts-handlers predict reviews --text "a thin plot, carried by its cast"
     ts-handlers predict mnist --file digit.png --url http://127.0.0.1:8080 --key key_file.json
     ts-handlers predict sentiment_eager --text "loved it" --explain --html explain.html
+    ts-handlers predict reranker --query "news about Unilever" --text "..." "..."   # rerank
     ts-handlers kserve kserve_out mnist sentiment          # -> what KServe mounts + manifest
 
 ``build`` runs ``ts_handlers.tools.build``; ``serve`` and ``predict`` start a
@@ -177,8 +178,15 @@ def run_serve(args: argparse.Namespace) -> int:
 # ---- predict ---------------------------------------------------------------------------------
 
 
-def request_body(texts: Sequence[str] | None, file: Path | None) -> tuple[Any, str | None]:
-    """(body, content type) for the inference API; ``None`` lets the client choose it."""
+def request_body(
+    texts: Sequence[str] | None, file: Path | None, query: str | None = None
+) -> tuple[Any, str | None]:
+    """(body, content type) for the inference API; ``None`` lets the client choose it. With
+    ``query``, the texts are reranked against it (a cross-encoder archive: docs/reranking.md)."""
+    if query is not None:
+        if not texts:
+            raise CommandError("--query reranks the texts given with --text; name some")
+        return {"query": query, "texts": list(texts), "return_text": True}, "application/json"
     if texts:
         return {"inputs": texts[0] if len(texts) == 1 else list(texts)}, "application/json"
     assert file is not None
@@ -206,7 +214,7 @@ def read_inference_key(key: str) -> str:
 def run_predict(args: argparse.Namespace) -> int:
     from ts_handlers.tools.client import TorchServeClient, TorchServeError
 
-    body, content_type = request_body(args.text, args.file)
+    body, content_type = request_body(args.text, args.file, args.query)
 
     def answer(client: TorchServeClient, name: str) -> int:
         return _predict_and_print(
@@ -314,6 +322,8 @@ def format_answer(answer: Any, inputs: Sequence[str] | None = None) -> str:
             return "(nothing found)"
         if all("label" in item and "score" in item for item in answer):
             return _format_labels(answer)
+        if all({"index", "score"} <= set(item) for item in answer):
+            return _format_ranking(answer, inputs)
         if all("entity_group" in item or "entity" in item for item in answer):
             return _format_entities(answer)
     return json.dumps(answer, indent=2, ensure_ascii=False)
@@ -349,6 +359,18 @@ def _is_embeddings(answer: Any) -> bool:
 def _format_labels(answer: list[dict[str, Any]]) -> str:
     width = max(len(str(item["label"])) for item in answer)
     return "\n".join(f"{str(item['label']):<{width}}  {item['score']:.4f}" for item in answer)
+
+
+def _format_ranking(answer: list[dict[str, Any]], inputs: Sequence[str] | None) -> str:
+    """A rerank answer, best first: rank, score, the text's index and the text."""
+    rows = []
+    for rank, item in enumerate(answer, start=1):
+        text = item.get("text")
+        if text is None and inputs and 0 <= item["index"] < len(inputs):
+            text = inputs[item["index"]]
+        shown = "" if text is None else f"  {text}"
+        rows.append(f"{rank:>3}. {item['score']:.4f}  [{item['index']}]{shown}")
+    return "\n".join(rows)
 
 
 def _format_entities(answer: list[dict[str, Any]]) -> str:
@@ -653,6 +675,11 @@ def make_parser() -> argparse.ArgumentParser:
     body = predict.add_mutually_exclusive_group(required=True)
     body.add_argument("--text", nargs="+", help="one or more texts, sent as {'inputs': ...}")
     body.add_argument("--file", type=Path, help="an image, or a .txt / .json body")
+    predict.add_argument(
+        "--query",
+        help="rerank the --text texts against this query (a cross-encoder archive, "
+        "text-embeddings-inference's /rerank)",
+    )
     predict.add_argument("--url", help="a running server's inference URL (needs --key)")
     predict.add_argument("--key", help="its inference key, or its key_file.json")
     predict.add_argument(
