@@ -6,6 +6,7 @@ protocols); the explanation scheduler and the token budget are driven with numbe
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from http import HTTPStatus
@@ -13,20 +14,41 @@ from http import HTTPStatus
 import pytest
 
 from ts_handlers.admission import Budget, ExplanationScheduler, over_budget
-from ts_handlers.errors import NotFound, PayloadTooLarge
+from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge
 from ts_handlers.openai_api import OpenAIEmbeddings
 from ts_handlers.payload import Request
-from ts_handlers.protocols import TASK_FORM, Decoded, TaskSpec, V1Request, V2Request
+from ts_handlers.protocols import TASK_FORM, Decoded, TaskSpec, TextPair, V1Request, V2Request
+from ts_handlers.rerank import Rerank
 
 
 def test_protocols_load_no_handler_module():
     code = (
-        "import sys, ts_handlers.protocols, ts_handlers.openai_api; "
+        "import sys, ts_handlers.protocols, ts_handlers.openai_api, ts_handlers.rerank; "
         "print(sorted(m for m in sys.modules if m in "
-        "('ts_handlers.base', 'ts_handlers.batch', 'ts_handlers.text')))"
+        "('ts_handlers.base', 'ts_handlers.batch', 'ts_handlers.text', "
+        "'ts_handlers.sequence_classification', 'ts_handlers.sentence_embedding')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_rerank_body_parses_and_wraps_with_data_alone():
+    spec = TaskSpec(num_labels=1, score_activation="sigmoid", max_instances=8)
+    body = {"query": "q", "texts": ["a", "b", "c"], "top_n": 2, "return_text": True}
+    protocol = Rerank(body)
+    parsed = protocol.parse(Request(body), spec)
+    assert parsed.instances == [TextPair("q", "a"), TextPair("q", "b"), TextPair("q", "c")]
+    assert parsed.options is not None and parsed.options["function_to_apply"] == "none"
+    logits = [-1.0, 2.0, 0.5]
+    answers = [[{"label": "LABEL_0", "score": logit}] for logit in logits]
+    ranking = protocol.wrap(answers, Decoded([], single=False), spec)
+    assert [item["index"] for item in ranking] == [1, 2]
+    assert ranking[0]["text"] == "b"
+    assert ranking[0]["score"] == pytest.approx(1 / (1 + math.exp(-2.0)), abs=1e-6)
+    with pytest.raises(PayloadTooLarge):  # counted before any field is validated
+        Rerank({"query": "q", "texts": [0] * 9}).parse(Request(b""), spec)
+    with pytest.raises(InvalidInput, match="one output"):
+        Rerank(body).parse(Request(body), TaskSpec(num_labels=3))
 
 
 def test_a_v2_body_parses_and_wraps_with_data_alone():
