@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from ts_handlers.config import (
     ConfigError,
@@ -89,7 +89,18 @@ class Task:
 
     @property
     def mode(self) -> str:
-        return self.config.model_fields["mode"].default
+        """The config's ``mode`` default: its ``Literal`` (when it has one) holds that one value."""
+        field = self.config.model_fields.get("mode")
+        mode = None if field is None else field.default
+        if not isinstance(mode, str) or not mode:
+            raise ConfigError(f"{self.config.__name__} declares no mode: add mode: str = '<name>'")
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+        if choices and choices != (mode,):
+            raise ConfigError(
+                f"{self.config.__name__}.mode is Literal{list(choices)} but defaults to "
+                f"{mode!r}: declare mode: Literal[{mode!r}] = {mode!r}"
+            )
+        return mode
 
     @property
     def entry_point(self) -> str:
