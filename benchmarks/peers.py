@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         workload: make_sentences(tokenizer, tokens, 1, seed=7)[0]
         for workload, tokens in WORKLOADS.items()
     }
-    from ts_handlers.text import read_calibration_texts
+    from ts_handlers.exporters.text import read_calibration_texts
 
     texts = read_calibration_texts(CALIBRATION)
     reference = encode_reference(texts)

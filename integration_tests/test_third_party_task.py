@@ -66,7 +66,7 @@ from ts_tiny_task import VectorScoringConfig, VectorScoringHandler
 
 
 def prepare_export(config: VectorScoringConfig) -> ExportPlan:
-    from ts_handlers.tools import user_files
+    from ts_handlers.exporters import user_files
 
     model = user_files.load_model_file(
         config.model_file, config.model_class, config.serialized_file
@@ -75,7 +75,30 @@ def prepare_export(config: VectorScoringConfig) -> ExportPlan:
     return ExportPlan(model=model, example_inputs=batches[1], verify_inputs=batches)
 
 
-TASK = Task(VectorScoringConfig, RequestOptions, VectorScoringHandler, prepare_export)
+def init_setup(model_path, relative, options):
+    """ts-handlers init: a folder holding scorer.py and its state_dict scorer.pt."""
+    if not (model_path / "scorer.py").is_file() or not (model_path / "scorer.pt").is_file():
+        return None
+    files = {"model_file": f"{relative}/scorer.py", "serialized_file": f"{relative}/scorer.pt"}
+    return {"mode": "vector_scoring", **files, "export_method": "trace"}, None
+
+
+def format_answer(answer, inputs):
+    """ts-handlers predict: one score a line."""
+    if not isinstance(answer, list) or not all(isinstance(x, float) for x in answer):
+        return None
+    return "\\n".join(f"output {i}: {score:+.4f}" for i, score in enumerate(answer))
+
+
+TASK = Task(
+    VectorScoringConfig,
+    RequestOptions,
+    VectorScoringHandler,
+    prepare_export,
+    init=init_setup,
+    init_takes="a folder with scorer.py and scorer.pt (vector scoring)",
+    answer=format_answer,
+)
 ''',
 }
 MODEL_FILE = """
@@ -165,3 +188,53 @@ def test_the_users_handler_is_one_import_and_at_most_20_lines() -> None:
     lines = HANDLER_FILE.strip().splitlines()
     imports = [line for line in lines if line.startswith(("import ", "from "))]
     assert len(lines) <= 20 and imports == ["import ts_handlers.api as ts"]
+
+
+def test_a_third_party_task_appears_in_init_predict_and_kserve(
+    installed: Path, tmp_path: Path
+) -> None:
+    """Declared once in its package, the task is found by every command; nothing in
+    ts_handlers names it."""
+    path = os.pathsep.join(filter(None, [str(installed), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ts_handlers.tools.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    model = tmp_path / "scorer"
+    model.mkdir()
+    (model / "scorer.py").write_text(MODEL_FILE)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(MODEL_FILE, namespace)
+    scorer = namespace["Scorer"]().eval()
+    torch.save(scorer.state_dict(), model / "scorer.pt")
+    configs, store = tmp_path / "configs", tmp_path / "store"
+
+    init = command("init", str(model), "--configs-root", str(configs))
+    assert init.returncode == 0, init.stderr
+    assert "for task vector_scoring" in init.stdout
+    build = command("build", str(configs / "scorer"), "--model-store", str(store))
+    assert build.returncode == 0, build.stderr
+
+    vector = [0.5, -1.0, 2.0, 0.25]
+    (tmp_path / "vector.json").write_text(json.dumps(vector))
+    predict = command(
+        "predict", "scorer", "--model-store", str(store), "--file", str(tmp_path / "vector.json")
+    )
+    assert predict.returncode == 0, predict.stderr
+    with torch.no_grad():
+        expected = scorer(torch.tensor([vector]))[0].tolist()
+    assert predict.stdout.splitlines() == [
+        f"output {i}: {score:+.4f}" for i, score in enumerate(expected)
+    ]
+
+    kserve = command("kserve", str(tmp_path / "kserve"), "--model-store", str(store))
+    assert kserve.returncode == 0, kserve.stderr
+    assert "pip install 'ts-handlers' ts-tiny-task" in kserve.stdout

@@ -30,12 +30,12 @@ from ts.context import RequestProcessor
 
 from ts_handlers.config import ConfigError, parse_config
 from ts_handlers.export import ExportError
+from ts_handlers.exporters.sentence_embedding import read_sentence_transformer
 from ts_handlers.sentence_embedding import (
     POOLING_MODES,
     SentenceEmbeddingConfig,
     SentenceEmbeddingHandler,
     check_pooling_mode,
-    read_sentence_transformer,
 )
 from ts_handlers.text import MAX_TEXTS_PER_REQUEST
 from ts_handlers.tools.build import build_archive

@@ -28,6 +28,7 @@ from harness import (
 from torch import nn
 
 from ts_handlers import sequence_classification
+from ts_handlers.exporters import sequence_classification as sequence_classification_export
 from ts_handlers.sequence_classification import SequenceClassificationHandler, load_classifier
 from ts_handlers.text import MAX_TEXTS_PER_REQUEST
 from ts_handlers.tools import build
@@ -622,7 +623,7 @@ class RowLoop(nn.Module):
 def plant(monkeypatch, wrapper: type[nn.Module]) -> None:
     """The export loads the real tiny checkpoint, wrapped in a model that traces badly."""
     monkeypatch.setattr(
-        sequence_classification,
+        sequence_classification_export,
         "load_classifier",
         lambda folder, *rest: wrapper(load_classifier(folder, *rest)),
     )

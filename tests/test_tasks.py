@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ts_handlers import tasks as tasks_module
 from ts_handlers.config import ConfigError
 from ts_handlers.tasks import load_task_config, task_for, tasks
 from ts_handlers.tools import build
@@ -71,3 +72,29 @@ def test_the_runtime_imports_no_tooling():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_mode_that_disagrees_with_its_literal_is_refused():
+    from typing import Literal
+
+    from ts_handlers.config import HandlerConfig, RequestOptions
+    from ts_handlers.tasks import Task
+
+    class Disagrees(HandlerConfig):
+        mode: Literal["a"] = "b"
+
+    with pytest.raises(ConfigError, match=r"Literal\['a'\] but defaults to 'b'"):
+        _ = Task(Disagrees, RequestOptions, object, "x:y").mode
+
+
+def test_each_builtin_task_declares_what_the_tools_need_and_no_tool_names_it():
+    """init, predict and kserve derive from the registry: cli.py and kserve.py name no mode."""
+    tools = ROOT / "ts_handlers" / "tools"
+    sources = (tools / "cli.py").read_text() + (tools / "kserve.py").read_text()
+    for mode in BUILTIN:
+        task = tasks()[mode]
+        assert task.extra in ("vision", "text") and task.init_takes
+        assert isinstance(task.export, str) and task.export.startswith("ts_handlers.exporters.")
+        assert callable(tasks_module._resolve(task.init))
+        assert callable(tasks_module._resolve(task.answer))
+        assert f'"{mode}"' not in sources and f"'{mode}'" not in sources

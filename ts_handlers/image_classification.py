@@ -9,11 +9,9 @@ KServe v1/v2 bodies carry up to ``max_images_per_request`` base64 images
 
 from __future__ import annotations
 
-import importlib
 import io
 import re
 import struct
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -39,7 +37,6 @@ from ts_handlers.errors import (
     UnsupportedMediaType,
     check_count,
 )
-from ts_handlers.export import ExportPlan
 from ts_handlers.image_bytes import check_scan_work, check_structure
 from ts_handlers.payload import Request, decode_base64, reject_unknown_fields
 from ts_handlers.protocols import OutputTensor, Parsed, labels_and_scores
@@ -324,80 +321,6 @@ def _is_image_signature(raw: bytes | None) -> bool:
     return raw.startswith(signatures)
 
 
-def prepare_export(config: ImageClassificationConfig) -> ExportPlan:
-    """Loads the model the config names and plans verification on several batch sizes.
-
-    The model maps ``(N, C, H, W)`` float images (``C`` from ``color_mode``, ``H, W`` from
-    ``image_size``, normalised with ``mean``/``std``) to ``(N, num_classes)`` logits.
-    """
-    from ts_handlers.tools import user_files
-
-    kind = user_files.user_model_kind(config)
-    model: torch.nn.Module | None = None
-    exported = reference = None
-    if kind == "torchscript_file":
-        exported = user_files.load_torchscript(config.serialized_file)
-        reference = user_files.one_at_a_time(exported)
-    elif kind == "model_file":
-        model = user_files.load_model_file(
-            config.model_file, config.model_class, config.serialized_file
-        )
-    elif ":" in config.model_class and config.model_name:
-        module_name, _, class_name = config.model_class.partition(":")
-        model = getattr(importlib.import_module(module_name), class_name)
-        model = model.from_checkpoint(config.model_name).eval()
-    else:
-        raise ConfigError(
-            "name the model: serialized_file (a TorchScript file), or model_file + model_class "
-            "+ serialized_file (a .py and its state_dict), or model_class 'module:Class' with a "
-            "from_checkpoint(model_name) class method and model_name"
-        )
-    generator = torch.Generator().manual_seed(0)
-    height, width = config.image_size
-
-    def images(count: int) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(count, len(config.color_mode), height, width, generator=generator),)
-
-    example = images(2)
-    num_classes = _num_classes(exported if model is None else model, example[0])
-    plan = ExportPlan(
-        model=model,
-        exported=exported,
-        reference=reference,
-        example_inputs=example,
-        verify_inputs=[images(count) for count in (1, 2, 7, 32)],
-        metadata={"num_classes": num_classes},
-        num_classes=num_classes,
-        # Reduced precision is gated on the probabilities clients get.
-        gate_rows=lambda logits, *inputs: torch.softmax(logits, dim=-1),
-    )
-    if config.calibration_file:
-        plan.calibration_inputs = calibration_images(Path(config.calibration_file), config)
-        plan.calibration_source = f"the images of {config.calibration_file}"
-    return plan
-
-
-def calibration_images(
-    folder: Path, config: ImageClassificationConfig
-) -> list[tuple[torch.Tensor]]:
-    """The folder's image files, preprocessed as requests are, in batches of the handler's size."""
-    paths = sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
-    tensors = []
-    for path in paths:
-        try:
-            image = open_image(path.read_bytes(), config.max_image_pixels, config.max_image_bytes)
-        except (InvalidInput, PayloadTooLarge):
-            continue  # not an image (a README, say)
-        tensors.append(image_to_tensor(image, config))
-    if len(tensors) < 3:
-        raise ConfigError(
-            f"calibration_file {str(folder)!r} must be a folder of image files (a few hundred, "
-            f"as varied as the traffic); found {len(tensors)} images"
-        )
-    size = config.inference_batch_size
-    return [(torch.stack(tensors[start : start + size]),) for start in range(0, len(tensors), size)]
-
-
 def _num_classes(model: Any, images: torch.Tensor) -> int:
     """Runs the model once; refuses one that does not answer (N, C, H, W) with (N, classes)."""
     shape = "x".join(map(str, images.shape))
@@ -422,7 +345,11 @@ TASK = Task(
     ImageClassificationConfig,
     ImageClassificationOptions,
     ImageClassificationHandler,
-    prepare_export,
+    export="ts_handlers.exporters.image_classification:prepare_export",
+    extra="vision",
+    init="ts_handlers.exporters.image_classification:init_setup",
+    init_takes="a TorchScript .pt file (image classification)",
+    answer="ts_handlers.exporters.image_classification:format_answer",
 )
 
 __all__ = [
@@ -430,5 +357,4 @@ __all__ = [
     "ImageClassificationHandler",
     "handle",
     "image_to_tensor",
-    "prepare_export",
 ]

@@ -1,4 +1,6 @@
-"""What every transformer text task shares: request parsing, tokenizing, padding, export plan.
+"""What every transformer text task shares: request parsing, tokenizing, padding.
+
+Its export plan is export-time code, apart: ``ts_handlers/exporters/text.py``.
 
 A request is ``text/plain``, JSON ``{"inputs": "text" | ["t1", ...], <options>}``, or a bare
 JSON string or list. Each text is tokenized when its request is decoded (so a text that is too
@@ -24,7 +26,6 @@ import orjson
 import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import nn
-from torch.export import Dim
 from typing_extensions import TypeVar
 
 from ts_handlers.base import Decoded, Route, TaskHandler
@@ -39,7 +40,6 @@ from ts_handlers.config import (
     validation_message,
 )
 from ts_handlers.errors import InvalidInput, NotFound, PayloadTooLarge, check_count, first_lines
-from ts_handlers.export import ExportPlan, one_at_a_time
 from ts_handlers.metrics import TOKENIZE
 from ts_handlers.openai_api import EMBEDDINGS_PATH
 from ts_handlers.payload import (
@@ -753,22 +753,6 @@ class LogitsOnly(nn.Module):
         )[0]
 
 
-class PairLogits(LogitsOnly):
-    """The logits of a model that reads segment ids: exported with three inputs (named so in
-    the TorchScript, AOTInductor and ONNX signatures), so a text pair's second text keeps
-    segment id 1."""
-
-    def forward(  # type: ignore[override]
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> torch.Tensor:
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            return_dict=False,
-        )[0]
-
-
 def load_tokenizer(folder: str | Path) -> Any:
     """The archived tokenizer, never a download."""
     use_offline_hub()
@@ -867,94 +851,6 @@ def text_export_inputs(
     return dynamic, fixed
 
 
-def text_export_plan(
-    config: TextConfig,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    files: list[Path],
-    metadata: dict[str, Any],
-    *,
-    exported: torch.nn.Module | None = None,
-    token_types: bool = False,
-) -> ExportPlan:
-    """The plan both text tasks hand to the build: trace on (2, 16), verify ragged batches.
-
-    ``model`` maps ``(input_ids, attention_mask)`` to one output row per text, or, with
-    ``token_types``, ``(input_ids, attention_mask, token_type_ids)``: the exported signature
-    then has the three, and verification runs text pairs' segment ids. With
-    ``exported`` (the user's own TorchScript, ``model`` is then that same graph) there is no
-    eager model: each text run alone and unpadded is the reference, which also decides whether
-    batches may be padded per group or must be padded to ``max_length``.
-    """
-    rows = check_tokenizer_fits(tokenizer, embedding_rows(model), "the model")
-    if rows is None:
-        _check_largest_id_runs(model, tokenizer, config.max_length)
-    dynamic, fixed = text_export_inputs(tokenizer, config.max_length, token_types=token_types)
-    example = text_export_inputs(
-        tokenizer, config.max_length, (2,), (16,), token_types=token_types
-    )[0][0]
-    if token_types:
-        metadata = {**metadata, "inputs": list(TOKEN_TYPE_INPUTS)}
-    plan = ExportPlan(
-        model=None if exported is not None else model,
-        example_inputs=example,
-        verify_inputs=dynamic,
-        fixed_shape_inputs=fixed,
-        extra_files=files,
-        metadata={**metadata, "embedding_rows": rows} if rows else metadata,
-    )
-    # torch.export: any batch size, any sequence length up to max_length, shared by both inputs.
-    batch, sequence = Dim("batch", min=1), Dim("sequence", min=1, max=config.max_length)
-    plan.dynamic_shapes = [{0: batch, 1: sequence} for _ in example]
-    if exported is not None:
-        plan.exported = exported
-        plan.reference = one_text_at_a_time(exported)
-        plan.fixed_shape_reference = one_at_a_time(exported)
-    elif config.calibration_file:
-        texts = read_calibration_texts(Path(config.calibration_file))
-        if config.do_lower_case:
-            texts = [text.lower() for text in texts]
-        plan.calibration_inputs = calibration_batches(
-            tokenizer, texts, config.max_length, config.inference_batch_size
-        )
-        if token_types:  # one text each: segment 0 throughout
-            plan.calibration_inputs = [
-                (*batch, torch.zeros_like(batch[0])) for batch in plan.calibration_inputs
-            ]
-        plan.calibration_source = f"{len(texts)} texts of {config.calibration_file}"
-    return plan
-
-
-def read_calibration_texts(path: Path) -> list[str]:
-    """One text per line; blank lines and lines starting with "# " are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise ConfigError(f"calibration_file {str(path)!r} cannot be read: {error}") from None
-    texts = [line for line in lines if line.strip() and not line.startswith("# ")]
-    if len(texts) < 3:
-        raise ConfigError(
-            f"calibration_file {str(path)!r} holds {len(texts)} texts; the accuracy gates need "
-            "real inputs, one per line (a few hundred, as varied as the traffic)"
-        )
-    return texts
-
-
-def calibration_batches(
-    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Texts as the handler batches them: sorted by length, padded per group."""
-    encoded = sorted(
-        (tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts),
-        key=len,
-    )
-    pad_id = tokenizer.pad_token_id or 0
-    return [
-        padded(encoded[start : start + batch_size], pad_id)
-        for start in range(0, len(encoded), batch_size)
-    ]
-
-
 def padded(
     token_ids: Sequence[Sequence[int]], pad_id: int, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1031,10 +927,6 @@ def _check_largest_id_runs(model: Any, tokenizer: Any, length: int) -> None:
                 f"the model fails on the tokenizer's largest id {len(tokenizer) - 1} (is the "
                 f"tokenizer the model's own?): {first_lines(error)}"
             ) from None
-
-
-def tokenizer_files(folder: Path) -> list[Path]:
-    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
 
 
 def output_width(model: Any, tokenizer: Any, max_length: int) -> int:

@@ -10,7 +10,6 @@ of those, in order. The entities are the pipeline's own: its ``gather_pre_entiti
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal, get_args
 
@@ -21,22 +20,15 @@ from pydantic import BeforeValidator, Field
 from ts_handlers.base import Decoded, entry_point
 from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, PositiveInt, StrTuple
 from ts_handlers.errors import InvalidInput, PayloadTooLarge
-from ts_handlers.export import ExportPlan
 from ts_handlers.protocols import OutputTensor, json_per_input
 from ts_handlers.tasks import Task
 from ts_handlers.text import (
     CHARS_PER_TOKEN,
     MAX_FLOAT_CHARS,
-    LogitsOnly,
     TextConfig,
     TextHandler,
     TextOptions,
     Tokenized,
-    checkpoint_labels,
-    load_pretrained,
-    load_tokenizer,
-    text_export_plan,
-    tokenizer_files,
     tokens_run,
 )
 
@@ -265,38 +257,14 @@ class TokenClassificationHandler(
         ]
 
 
-def prepare_export(config: TokenClassificationConfig) -> ExportPlan:
-    """Traces the checkpoint's logits, (texts, tokens, labels); the build verifies the trace."""
-    folder = Path(config.model_name)
-    if config.serialized_file or not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"model_name {config.model_name!r} must be a checkpoint folder (save_pretrained "
-            "files and tokenizer); token_classification takes no serialized_file"
-        )
-    tokenizer = load_tokenizer(folder)  # offline from here on
-    if not tokenizer.is_fast:
-        raise ConfigError("token_classification needs a fast tokenizer (tokenizer.json)")
-    model = load_pretrained("AutoModelForTokenClassification", folder, config.max_length)
-    labels = checkpoint_labels(model)
-    metadata = {"num_classes": len(labels), "labels": labels}
-    model = LogitsOnly(model.eval()).eval()
-    plan = text_export_plan(config, model, tokenizer, tokenizer_files(folder), metadata)
-    plan.num_classes = len(labels)
-    plan.gate_rows = token_scores
-    return plan
-
-
-def token_scores(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """The label scores of every real token, (tokens, labels): what the gates compare."""
-    return torch.softmax(logits[attention_mask.bool()], dim=-1)
-
-
 handle = entry_point(TokenClassificationHandler)
 TASK = Task(
     TokenClassificationConfig,
     TokenClassificationOptions,
     TokenClassificationHandler,
-    prepare_export,
+    export="ts_handlers.exporters.token_classification:prepare_export",
+    extra="text",
+    init="ts_handlers.exporters.token_classification:init_setup",
+    init_takes="a Hugging Face *ForTokenClassification folder",
+    answer="ts_handlers.exporters.token_classification:format_answer",
 )

@@ -13,7 +13,8 @@ inside. A failed verification writes nothing and exits non-zero.
 By default the archive names its handler by module path
 (``ts_handlers.image_classification:handle``), so the TorchServe environment must have
 ``ts_handlers`` installed (plugin mode). ``--self-contained`` embeds the package's runtime (not
-``ts_handlers.tools``) in the archive so a stock TorchServe serves it too.
+``ts_handlers.tools`` nor ``ts_handlers.exporters``) in the archive so a stock TorchServe
+serves it too.
 
 ``--list-tasks`` prints the tasks this install can build: the built-in ones and those other
 packages register (``ts_handlers.tasks``).
@@ -312,8 +313,9 @@ def _embed_package(files: Path, handler: str) -> str:
     shutil.copytree(
         PACKAGE_DIR,
         files / "package" / "ts_handlers",
-        # The runtime only: the tooling (build, server, client, demo models) stays out.
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tools"),
+        # The runtime only: the tooling (build, server, client, demo models) and the tasks'
+        # export code stay out.
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tools", "exporters"),
     )
     module, function = handler.split(":")
     entry = files / f"{ENTRY_MODULE}.py"

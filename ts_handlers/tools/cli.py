@@ -37,10 +37,6 @@ from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, read_json_object
 
 DEFAULT_MODEL_STORE = Path("model_store")
 DEFAULT_CONFIGS_ROOT = Path("archiver_configs")
-# The text models' own longest input is often far past what a served request should carry;
-# BERT-family position tables stop at 512 anyway.
-MAX_TEXT_LENGTH = 512
-EMBEDDING_NUMBERS_SHOWN = 6
 ARCHIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MODEL_CONFIG_TEXT = """\
 # TorchServe worker and batching settings. Requests arriving within maxBatchDelay ms of each
@@ -52,17 +48,6 @@ maxBatchDelay: 20
 # Seconds one batch may take before TorchServe restarts the worker.
 responseTimeout: 60
 """
-# Hugging Face architecture suffix -> the task that serves it.
-ARCHITECTURE_TASKS = {
-    "ForSequenceClassification": "sequence_classification",
-    "ForTokenClassification": "token_classification",
-}
-# Per-channel statistics written for an image model when none are given: MNIST's for one
-# channel, ImageNet's for three; the user's training statistics belong here if they differ.
-DEFAULT_MEAN_STD = {
-    "L": ([0.1307], [0.3081]),
-    "RGB": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-}
 
 
 class CommandError(Exception):
@@ -310,22 +295,19 @@ def format_answer(answer: Any, inputs: Sequence[str] | None = None) -> str:
         and len(answer) == len(inputs)
         and all(isinstance(row, list) for row in answer)
     )
-    if one_answer_per_text and not _is_embeddings(answer):
+    if isinstance(answer, list) and not answer:
+        return "(nothing found)"
+    from ts_handlers.tasks import tasks
+
+    for task in tasks().values():  # each task prints the answers of its own shape
+        shown = task.format_answer(answer, inputs)
+        if shown is not None:
+            return shown
+    if one_answer_per_text:
         return "\n".join(
             f"{text}\n{_indent(format_answer(row))}"
             for text, row in zip(inputs, answer, strict=True)
         )
-    if _is_embeddings(answer):
-        return _format_embeddings(answer, inputs)
-    if isinstance(answer, list) and all(isinstance(item, dict) for item in answer):
-        if not answer:
-            return "(nothing found)"
-        if all("label" in item and "score" in item for item in answer):
-            return _format_labels(answer)
-        if all({"index", "score"} <= set(item) for item in answer):
-            return _format_ranking(answer, inputs)
-        if all("entity_group" in item or "entity" in item for item in answer):
-            return _format_entities(answer)
     return json.dumps(answer, indent=2, ensure_ascii=False)
 
 
@@ -342,62 +324,6 @@ def _format_explanation(answer: dict[str, Any]) -> str:
         for token, value in zip(tokens, answer["attributions"], strict=False)
     ]
     return "\n".join([f"{answer['label']}  {answer['score']:.4f}", *rows])
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_embeddings(answer: Any) -> bool:
-    return (
-        isinstance(answer, list)
-        and bool(answer)
-        and all(isinstance(row, list) and row and all(map(_is_number, row)) for row in answer)
-    )
-
-
-def _format_labels(answer: list[dict[str, Any]]) -> str:
-    width = max(len(str(item["label"])) for item in answer)
-    return "\n".join(f"{str(item['label']):<{width}}  {item['score']:.4f}" for item in answer)
-
-
-def _format_ranking(answer: list[dict[str, Any]], inputs: Sequence[str] | None) -> str:
-    """A rerank answer, best first: rank, score, the text's index and the text."""
-    rows = []
-    for rank, item in enumerate(answer, start=1):
-        text = item.get("text")
-        if text is None and inputs and 0 <= item["index"] < len(inputs):
-            text = inputs[item["index"]]
-        shown = "" if text is None else f"  {text}"
-        rows.append(f"{rank:>3}. {item['score']:.4f}  [{item['index']}]{shown}")
-    return "\n".join(rows)
-
-
-def _format_entities(answer: list[dict[str, Any]]) -> str:
-    rows = [
-        (
-            str(item.get("entity_group", item.get("entity"))),
-            f"{item.get('score', float('nan')):.4f}",
-            f"{item.get('start', '')}-{item.get('end', '')}",
-            repr(item.get("word", "")),
-        )
-        for item in answer
-    ]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    return "\n".join(
-        f"{label:<{widths[0]}}  {score:>{widths[1]}}  {span:>{widths[2]}}  {word}"
-        for label, score, span, word in rows
-    )
-
-
-def _format_embeddings(answer: list[list[float]], inputs: Sequence[str] | None) -> str:
-    lines = []
-    labels = list(inputs) if inputs and len(inputs) == len(answer) else [""] * len(answer)
-    for label, vector in zip(labels, answer, strict=True):
-        numbers = ", ".join(f"{value:+.4f}" for value in vector[:EMBEDDING_NUMBERS_SHOWN])
-        more = ", ..." if len(vector) > EMBEDDING_NUMBERS_SHOWN else ""
-        lines.append(f"dim {len(vector)}  [{numbers}{more}]" + (f"  {label}" if label else ""))
-    return "\n".join(lines)
 
 
 def _indent(text: str) -> str:
@@ -444,9 +370,11 @@ def run_kserve(args: argparse.Namespace) -> int:
     if plugin:
         extras = sorted({extra for archive in plugin for extra in archive.extras})
         requirement = f"ts-handlers[{','.join(extras)}]" if extras else "ts-handlers"
+        packages = sorted({package for archive in plugin for package in archive.packages})
+        requirement = " ".join([f"'{requirement}'", *packages])
         print(
             f"note:     {', '.join(a.path.name for a in plugin)} name their handler by module "
-            f"path: the predictor image needs `pip install '{requirement}'` (docs/kserve.md)"
+            f"path: the predictor image needs `pip install {requirement}` (docs/kserve.md)"
             + ("" if args.image else "; pass --image with it")
         )
     print(f"next: copy {args.out_dir}/ to the storage URI, then kubectl apply -f {layout.manifest}")
@@ -465,84 +393,34 @@ def setup_for_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str] | None]:
-    """(setup_config.json, index_to_name.json or None) for a model folder or TorchScript file.
+    """(setup_config.json, index_to_name.json or None) for a model folder or file: the first
+    task of the registry that recognises it (``Task.init``) writes them.
 
     Paths are written relative to ``config_dir``: the build reads them from there.
     """
-    relative = os.path.relpath(model_path.resolve(), config_dir.resolve())
-    if model_path.is_file():
-        if model_path.suffix not in (".pt", ".pth", ".ts", ".torchscript"):
-            raise CommandError(
-                f"{model_path} is a file but not a TorchScript .pt; init takes a "
-                "sentence-transformers folder, a Hugging Face classifier folder or a .pt file"
-            )
-        default_mean, default_std = DEFAULT_MEAN_STD[color_mode]
-        return {
-            "mode": "image_classification",
-            "serialized_file": relative,
-            "color_mode": color_mode,
-            "image_size": list(image_size),
-            "mean": list(mean or default_mean),
-            "std": list(std or default_std),
-        }, None
-    if not model_path.is_dir():
-        raise CommandError(f"{model_path} does not exist")
-    if (model_path / "modules.json").is_file():
-        from ts_handlers.sentence_embedding import read_sentence_transformer
+    from ts_handlers.tasks import tasks
 
-        folder = read_sentence_transformer(model_path)
-        return {
-            "mode": "sentence_embedding",
-            "model_name": relative,
-            "pooling_mode": folder.pooling_mode,
-            "max_length": folder.max_length,
-        }, None
+    if not model_path.exists():
+        raise CommandError(f"{model_path} does not exist")
+    relative = os.path.relpath(model_path.resolve(), config_dir.resolve())
+    options = {"image_size": image_size, "color_mode": color_mode, "mean": mean, "std": std}
+    for task in tasks().values():
+        found = task.init_setup(model_path, relative, options)
+        if found is not None:
+            return found
+    takes = "; ".join(task.init_takes for task in tasks().values() if task.init_takes)
+    if model_path.is_file():
+        raise CommandError(f"{model_path}: no task serves this file; init takes {takes}")
     hf_config = read_json_object(model_path / "config.json")
     if hf_config is None:
         raise CommandError(
             f"{model_path} has neither modules.json (sentence-transformers) nor config.json "
-            "(Hugging Face); init takes one of those folders or a TorchScript .pt file"
+            f"(Hugging Face); init takes {takes}"
         )
     architectures = hf_config.get("architectures") or []
-    mode = next(
-        (
-            task
-            for architecture in architectures
-            for suffix, task in ARCHITECTURE_TASKS.items()
-            if str(architecture).endswith(suffix)
-        ),
-        None,
+    raise CommandError(
+        f"{model_path}/config.json names architectures {architectures}; init takes {takes}"
     )
-    if mode is None:
-        raise CommandError(
-            f"{model_path}/config.json names architectures {architectures}; init knows "
-            f"*{', *'.join(ARCHITECTURE_TASKS)} and sentence-transformers folders"
-        )
-    setup = {"mode": mode, "model_name": relative, "max_length": _text_max_length(model_path)}
-    id2label = hf_config.get("id2label")
-    labels = None
-    if isinstance(id2label, dict) and id2label:
-        labels = {str(index): str(label) for index, label in sorted(id2label.items(), key=_index)}
-    return setup, labels
-
-
-def _index(item: tuple[Any, Any]) -> int:
-    return int(item[0])
-
-
-def _text_max_length(folder: Path) -> int:
-    """The tokenizer's model_max_length, capped at the position table and MAX_TEXT_LENGTH."""
-    limits = [MAX_TEXT_LENGTH]
-    tokenizer_config = read_json_object(folder / "tokenizer_config.json") or {}
-    model_config = read_json_object(folder / "config.json") or {}
-    # Tokenizers without a limit store a huge number (1e30); the cap takes care of it.
-    for value in (
-        tokenizer_config.get("model_max_length"),
-        model_config.get("max_position_embeddings"),
-    ):
-        if _is_number(value) and value >= 2:
-            limits.append(int(value))
-    return min(limits)
 
 
 def run_init(args: argparse.Namespace) -> int:

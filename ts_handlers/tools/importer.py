@@ -191,8 +191,8 @@ def _repackage_graph(
     import torch
 
     from ts_handlers.export import TorchScriptFormat
+    from ts_handlers.exporters.text import tokenizer_files
     from ts_handlers.tasks import task_for
-    from ts_handlers.text import tokenizer_files
     from ts_handlers.tools.build import REPORT_FILE, _package
 
     files = staging / "files"

@@ -38,6 +38,7 @@ from typing import Any
 
 from ts_handlers.config import SETUP_CONFIG_FILE
 from ts_handlers.payload import DEFAULT_MAX_REQUEST_SIZE, DEFAULT_MAX_RESPONSE_SIZE
+from ts_handlers.tasks import Task, tasks
 from ts_handlers.tools.server import properties_text, store_urls_pattern
 
 API_VERSION = "serving.kserve.io/v1beta1"
@@ -90,13 +91,6 @@ WORKER_DEFAULTS = {
     "maxBatchDelay": 100,
     "responseTimeout": 120,
 }
-# The extra of ts-handlers each built-in task needs in the serving image.
-TASK_EXTRAS = {
-    "image_classification": "vision",
-    "sequence_classification": "text",
-    "sentence_embedding": "text",
-    "token_classification": "text",
-}
 
 
 class LayoutError(ValueError):
@@ -125,7 +119,19 @@ class Archive:
         """The ts-handlers extras the serving image needs for this archive."""
         if self.explains:
             return ["explain"]  # the text extra and captum
-        return [TASK_EXTRAS[self.mode]] if self.mode in TASK_EXTRAS else []
+        task = self.task
+        return [task.extra] if task is not None and task.extra else []
+
+    @property
+    def packages(self) -> list[str]:
+        """What else the serving image installs: the package of a third party's task."""
+        task = self.task
+        return [task.package] if task is not None and task.package else []
+
+    @property
+    def task(self) -> Task | None:
+        """The registry's task for the archive's mode (built-in or an installed package's)."""
+        return tasks().get(self.mode) if self.mode else None
 
 
 def read_archive(path: Path) -> Archive:
