@@ -1,6 +1,7 @@
 """A worker serving an archive imports no export-time code.
 
-Each task's archive (built once per session by the shared fixtures) is served in a fresh
+Each task's archive (built once per session by the shared fixtures), and an archive made by
+hand (whose checks at load run the build's verification), is served in a fresh
 interpreter as TorchServe's worker serves it: the manifest's ``module:handle`` imported,
 called once with ``data=None`` to initialise, then with one batch. Afterwards no export,
 precision-ranking, calibration or tooling module may be loaded.
@@ -16,9 +17,12 @@ from pathlib import Path
 import pytest
 from harness import unpack_archive
 
-# Export-time modules: each task's export (ts_handlers.exporters.*), reduced precision and its
-# calibration, the ONNX exporter, and the tools (build driver, command line, server, client).
+# Export-time modules: the formats' export side (ts_handlers.export; a worker reads its model
+# through ts_handlers.artifacts), each task's export (ts_handlers.exporters.*), reduced
+# precision and its calibration, the ONNX exporter, and the tools (build driver, command line,
+# server, client).
 EXPORT_TIME = (
+    "ts_handlers.export",
     "ts_handlers.exporters",
     "ts_handlers.precision",
     "ts_handlers.onnx_export",
@@ -88,5 +92,27 @@ def test_a_worker_imports_no_export_time_module(
         body, content_type = b"the movie was great", "text/plain"
     result = serve_once(model_dir, body, content_type)
     assert result["module"].startswith("ts_handlers.")
+    assert result["status"] == 200 and result["answers"] == 1
+    assert result["loaded"] == []
+
+
+def test_a_worker_checking_an_archive_made_by_hand_imports_no_export_time_module(tmp_path):
+    import torch
+    from harness import RGB_SETUP, UserCNN
+
+    model_dir = tmp_path / "handmade"
+    (model_dir / "MAR-INF").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.jit.script(UserCNN().eval()).save(str(model_dir / "my_cnn.pt"))
+    (model_dir / "setup_config.json").write_text(json.dumps(RGB_SETUP))
+    manifest = {
+        "model": {
+            "modelName": "cnn",
+            "serializedFile": "my_cnn.pt",
+            "handler": "ts_handlers.image_classification:handle",
+        }
+    }
+    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    result = serve_once(model_dir, png_digit(), "image/png")
     assert result["status"] == 200 and result["answers"] == 1
     assert result["loaded"] == []
