@@ -124,14 +124,15 @@ def _check_cpu_isa(path: Path, package_isa: str) -> None:
         )
 
 
-def _onnx_artifact(**options: Any) -> ArtifactFormat:
-    # Imported when asked for: the module imports this one, and needs onnxruntime.
+def _onnx_artifact() -> ArtifactFormat:
+    # Imported when asked for: the module imports this one.
     from ts_handlers.onnx_format import ONNXArtifact
 
-    return ONNXArtifact(**options)
+    return ONNXArtifact()
 
 
-LOADERS: dict[str, Callable[..., ArtifactFormat]] = {
+# Each format's load side, built bare; load_artifact hands it the archive's config.
+LOADERS: dict[str, Callable[[], ArtifactFormat]] = {
     "torchscript": TorchScriptArtifact,
     "aot_inductor": AOTInductorArtifact,
     "onnx": _onnx_artifact,

@@ -399,6 +399,9 @@ class ONNXFormat(ONNXArtifact, ExportFormat):
     apply: an ONNX graph holds its weights as constants already.
     """
 
+    def __init__(self, freeze: bool = True, settings: OnnxRuntimeConfig | None = None) -> None:
+        super().__init__(settings)
+
     def export(self, model: torch.nn.Module, plan: ExportPlan, method: str) -> torch.nn.Module:
         model_bytes = export_onnx(model, plan)
         return ONNXModel(session_from_bytes(model_bytes, self.settings), model_bytes)

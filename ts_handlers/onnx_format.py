@@ -123,7 +123,7 @@ class ONNXArtifact(ArtifactFormat):
     name = "onnx"
     file_name = "model.onnx"
 
-    def __init__(self, freeze: bool = True, settings: OnnxRuntimeConfig | None = None) -> None:
+    def __init__(self, settings: OnnxRuntimeConfig | None = None) -> None:
         self.settings = settings or OnnxRuntimeConfig()
 
     def configure(self, config: Any) -> None:
