@@ -1,9 +1,10 @@
 """A worker serving an archive imports no export-time code.
 
-Each task's archive (built once per session by the shared fixtures), and an archive made by
-hand (whose checks at load run the build's verification), is served in a fresh
-interpreter as TorchServe's worker serves it: the manifest's ``module:handle`` imported,
-called once with ``data=None`` to initialise, then with one batch. Afterwards no export,
+Each task's archive (built once per session by the shared fixtures), a text archive in each
+other format (AOTInductor, ONNX), and an archive made by hand (whose checks at load run the
+build's verification), is served in a fresh interpreter as TorchServe's worker serves it: the
+manifest's ``module:handle`` imported, called once with ``data=None`` to initialise, then with
+one batch. Afterwards no export,
 precision-ranking, calibration or tooling module may be loaded.
 """
 
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import unpack_archive
+from harness import unpack_archive, write_text_config
+
+from ts_handlers.tools.build import build_archive
 
 # Export-time modules: the formats' export side (ts_handlers.export; a worker reads its model
 # through ts_handlers.artifacts), each task's export (ts_handlers.exporters.*), reduced
@@ -114,5 +117,22 @@ def test_a_worker_checking_an_archive_made_by_hand_imports_no_export_time_module
     }
     (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
     result = serve_once(model_dir, png_digit(), "image/png")
+    assert result["status"] == 200 and result["answers"] == 1
+    assert result["loaded"] == []
+
+
+@pytest.mark.parametrize("save_mode", ["aot_inductor", "onnx"])
+def test_a_worker_serving_another_format_imports_no_export_time_module(
+    save_mode, tiny_text_checkpoint, tmp_path
+):
+    config_dir = write_text_config(
+        tmp_path / f"tiny_text_{save_mode}", tiny_text_checkpoint, save_mode=save_mode
+    )
+    mar_path = build_archive(config_dir, tmp_path / "store", force=True)
+    assert mar_path is not None
+    model_dir = tmp_path / "model"
+    unpack_archive(mar_path, model_dir)
+    body = json.dumps({"inputs": ["a fine day", "rain"]}).encode()
+    result = serve_once(model_dir, body, "application/json")
     assert result["status"] == 200 and result["answers"] == 1
     assert result["loaded"] == []
