@@ -4,8 +4,8 @@ Each task's archive (built once per session by the shared fixtures), a text arch
 other format (AOTInductor, ONNX), and an archive made by hand (whose checks at load run the
 build's verification), is served in a fresh interpreter as TorchServe's worker serves it: the
 manifest's ``module:handle`` imported, called once with ``data=None`` to initialise, then with
-one batch. Afterwards no export,
-precision-ranking, calibration or tooling module may be loaded.
+one batch. Afterwards no export, precision-ranking, calibration or tooling module may be
+loaded.
 """
 
 from __future__ import annotations
