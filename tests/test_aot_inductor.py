@@ -20,7 +20,7 @@ from harness import (
 )
 from torch import nn
 
-from ts_handlers import export
+from ts_handlers import artifacts
 from ts_handlers.config import ConfigError
 from ts_handlers.export import METADATA_FILE, AOTInductorFormat, ExportError, ExportPlan
 from ts_handlers.tools.build import REPORT_FILE, build_archive
@@ -110,8 +110,8 @@ def test_a_package_for_instructions_this_cpu_lacks_is_refused_at_load(
 ) -> None:
     # A CPU without the vector instructions the kernels were compiled for (AVX-512 on the
     # project's machine) would die on SIGILL at the first request.
-    for name in export._CPU_ISA_CHECKS:
-        monkeypatch.setitem(export._CPU_ISA_CHECKS, name, lambda: False)
+    for name in artifacts._CPU_ISA_CHECKS:
+        monkeypatch.setitem(artifacts._CPU_ISA_CHECKS, name, lambda: False)
     with pytest.raises(ExportError, match=r"compiled for AVX\S*.* this CPU lacks AVX"):
         AOTInductorFormat().load(aoti_handler.model_dir / "model.pt2", torch.device("cpu"))
 

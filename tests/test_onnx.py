@@ -16,8 +16,8 @@ from torch import nn
 from ts_handlers import precision
 from ts_handlers.config import ConfigError, OnnxRuntimeConfig, parse_config
 from ts_handlers.export import METADATA_FILE, ExportError, ExportPlan, format_for
-from ts_handlers.onnx_export import _fewest_kept, linear_layers
-from ts_handlers.onnx_format import ONNXFormat, ONNXModel
+from ts_handlers.onnx_export import ONNXFormat, _fewest_kept, linear_layers
+from ts_handlers.onnx_format import ONNXModel
 from ts_handlers.sequence_classification import SequenceClassificationConfig
 from ts_handlers.tools.build import REPORT_FILE, build_archive
 

@@ -1,9 +1,11 @@
 """A worker serving an archive imports no export-time code.
 
-Each task's archive (built once per session by the shared fixtures) is served in a fresh
-interpreter as TorchServe's worker serves it: the manifest's ``module:handle`` imported,
-called once with ``data=None`` to initialise, then with one batch. Afterwards no export,
-precision-ranking, calibration or tooling module may be loaded.
+Each task's archive (built once per session by the shared fixtures), a text archive in each
+other format (AOTInductor, ONNX), and an archive made by hand (whose checks at load run the
+build's verification), is served in a fresh interpreter as TorchServe's worker serves it: the
+manifest's ``module:handle`` imported, called once with ``data=None`` to initialise, then with
+one batch. Afterwards no export, precision-ranking, calibration or tooling module may be
+loaded.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import unpack_archive
+from harness import unpack_archive, write_text_config
 
-# Export-time modules: each task's export (ts_handlers.exporters.*), reduced precision and its
-# calibration, the ONNX exporter, and the tools (build driver, command line, server, client).
+from ts_handlers.tools.build import build_archive
+
+# Export-time modules: the formats' export side (ts_handlers.export; a worker reads its model
+# through ts_handlers.artifacts), each task's export (ts_handlers.exporters.*), reduced
+# precision and its calibration, the ONNX exporter, and the tools (build driver, command line,
+# server, client).
 EXPORT_TIME = (
+    "ts_handlers.export",
     "ts_handlers.exporters",
     "ts_handlers.precision",
     "ts_handlers.onnx_export",
@@ -88,5 +95,44 @@ def test_a_worker_imports_no_export_time_module(
         body, content_type = b"the movie was great", "text/plain"
     result = serve_once(model_dir, body, content_type)
     assert result["module"].startswith("ts_handlers.")
+    assert result["status"] == 200 and result["answers"] == 1
+    assert result["loaded"] == []
+
+
+def test_a_worker_checking_an_archive_made_by_hand_imports_no_export_time_module(tmp_path):
+    import torch
+    from harness import RGB_SETUP, UserCNN
+
+    model_dir = tmp_path / "handmade"
+    (model_dir / "MAR-INF").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.jit.script(UserCNN().eval()).save(str(model_dir / "my_cnn.pt"))
+    (model_dir / "setup_config.json").write_text(json.dumps(RGB_SETUP))
+    manifest = {
+        "model": {
+            "modelName": "cnn",
+            "serializedFile": "my_cnn.pt",
+            "handler": "ts_handlers.image_classification:handle",
+        }
+    }
+    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    result = serve_once(model_dir, png_digit(), "image/png")
+    assert result["status"] == 200 and result["answers"] == 1
+    assert result["loaded"] == []
+
+
+@pytest.mark.parametrize("save_mode", ["aot_inductor", "onnx"])
+def test_a_worker_serving_another_format_imports_no_export_time_module(
+    save_mode, tiny_text_checkpoint, tmp_path
+):
+    config_dir = write_text_config(
+        tmp_path / f"tiny_text_{save_mode}", tiny_text_checkpoint, save_mode=save_mode
+    )
+    mar_path = build_archive(config_dir, tmp_path / "store", force=True)
+    assert mar_path is not None
+    model_dir = tmp_path / "model"
+    unpack_archive(mar_path, model_dir)
+    body = json.dumps({"inputs": ["a fine day", "rain"]}).encode()
+    result = serve_once(model_dir, body, "application/json")
     assert result["status"] == 200 and result["answers"] == 1
     assert result["loaded"] == []

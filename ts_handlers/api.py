@@ -17,6 +17,8 @@ The base stacks the inputs, moves them to the device and runs the model under
 (``TaskHandler.encode``) unless the task overrides them. See docs/adding-a-task.md.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ts_handlers.admission import Budget
 from ts_handlers.base import Decoded, Route, TaskHandler, entry_point
 from ts_handlers.config import (
@@ -34,10 +36,12 @@ from ts_handlers.errors import (
     TooManyRequests,
     UnsupportedMediaType,
 )
-from ts_handlers.export import ExportPlan
 from ts_handlers.payload import Request
 from ts_handlers.protocols import OutputTensor, Parsed, TaskSpec, WireProtocol
 from ts_handlers.tasks import Task
+
+if TYPE_CHECKING:
+    from ts_handlers.export import ExportPlan
 
 __all__ = [
     "Budget",
@@ -64,3 +68,13 @@ __all__ = [
     "WireProtocol",
     "entry_point",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ExportPlan is export-time: imported when a task's export asks for it, so that a worker
+    # serving a handler of your own (which imports this module) loads no export code.
+    if name == "ExportPlan":
+        from ts_handlers.export import ExportPlan
+
+        return ExportPlan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from ts_handlers import worker_protocol
 from ts_handlers.admission import ExplanationScheduler
+from ts_handlers.artifacts import load_artifact
 from ts_handlers.batch import BATCH_SIZE_HEADER, JSON_CONTENT_TYPE, Batch, Route
 from ts_handlers.config import (
     SETUP_CONFIG_FILE,
@@ -38,7 +39,6 @@ from ts_handlers.config import (
 )
 from ts_handlers.cpu import serving_precision
 from ts_handlers.errors import InvalidInput, NotFound
-from ts_handlers.export import load_artifact
 from ts_handlers.labels import LABELS_FILE, read_labels
 from ts_handlers.metrics import report
 from ts_handlers.openai_api import EMBEDDINGS_PATH, OpenAIEmbeddings

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ts_handlers.config import ConfigError
-from ts_handlers.export import one_at_a_time, verify
+from ts_handlers.verification import one_at_a_time, verify
 
 logger = logging.getLogger(__name__)
 

@@ -211,7 +211,7 @@ class ImageClassificationHandler(
         batch, and the build's check that a batch answers what each image answers alone."""
         import logging  # here, not at the top: keeps this addition apart from the decode code
 
-        from ts_handlers.export import one_at_a_time, verify
+        from ts_handlers.verification import one_at_a_time, verify
 
         generator = torch.Generator().manual_seed(0)
         height, width = self.config.image_size

@@ -1,7 +1,8 @@
 """The export side of ``save_mode: "onnx"``: ``torch.onnx.export`` and ONNX Runtime's int8.
 
 Only the build imports this module (it needs ``onnx`` and ``onnxscript`` besides
-``onnxruntime``); a served archive needs :mod:`ts_handlers.onnx_format` alone.
+``onnxruntime``); a served archive needs :mod:`ts_handlers.onnx_format` alone, whose
+``ONNXArtifact`` (the load side) :class:`ONNXFormat` extends.
 
 The graph comes from the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the one
 PyTorch maintains): it captures with ``torch.export`` and takes the same dynamic batch and
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -40,9 +42,10 @@ from torch import nn
 from torch.export import Dim
 
 from ts_handlers import cpu, precision
+from ts_handlers.artifacts import METADATA_FILE, ExportError
 from ts_handlers.config import ConfigError, OnnxRuntimeConfig
-from ts_handlers.export import METADATA_FILE, ExportError, ExportPlan
-from ts_handlers.onnx_format import ONNXModel, session_from_bytes
+from ts_handlers.export import ExportFormat, ExportPlan
+from ts_handlers.onnx_format import ONNXArtifact, ONNXModel, session_from_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -386,3 +389,42 @@ def _quiet_quantizer() -> Any:
         yield
     finally:
         root.setLevel(level)
+
+
+class ONNXFormat(ONNXArtifact, ExportFormat):
+    """``torch.onnx.export`` (the dynamo exporter) with dynamic batch and sequence axes.
+
+    ``quantization: "dynamic_int8"`` is done by ONNX Runtime's own quantizer on the exported
+    graph (:meth:`export_reduced`), so its int8 kernels (MLAS) run it; ``freeze`` does not
+    apply: an ONNX graph holds its weights as constants already.
+    """
+
+    def __init__(self, freeze: bool = True, settings: OnnxRuntimeConfig | None = None) -> None:
+        super().__init__(settings)
+
+    def export(self, model: torch.nn.Module, plan: ExportPlan, method: str) -> torch.nn.Module:
+        model_bytes = export_onnx(model, plan)
+        return ONNXModel(session_from_bytes(model_bytes, self.settings), model_bytes)
+
+    def export_reduced(
+        self, model: torch.nn.Module, plan: ExportPlan, config: Any
+    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+        if config.dtype != "float32" or config.quantization != "dynamic_int8":
+            raise ExportError(
+                "save_mode 'onnx' reduces precision only with quantization 'dynamic_int8' "
+                f"(ONNX Runtime's own); got dtype {config.dtype!r}"
+            )
+        if not plan.calibration_inputs:
+            raise ConfigError(
+                "dynamic_int8 needs calibration_file: real inputs the accuracy gates run on "
+                "(text: one per line; images: a folder of image files)"
+            )
+        model_bytes, report = quantize_int8(
+            export_onnx(smoothed(model, plan, SMOOTHING_ALPHA), plan), plan, config, self.settings
+        )
+        return ONNXModel(session_from_bytes(model_bytes, self.settings), model_bytes), report
+
+    def save(self, exported: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+        if not isinstance(exported, ONNXModel) or exported.model_bytes is None:
+            raise ExportError("onnx saves only a model it exported itself")
+        path.write_bytes(with_metadata(exported.model_bytes, json.dumps(metadata)))

@@ -1,10 +1,11 @@
 """``save_mode: "onnx"``: a ``torch.onnx`` graph saved as ``model.onnx`` and run by ONNX Runtime.
 
-The handlers load it through :func:`ts_handlers.export.load_artifact` like ``model.pt`` and
+The handlers load it through :func:`ts_handlers.artifacts.load_artifact` like ``model.pt`` and
 ``model.pt2``: :class:`ONNXModel` is callable like the eager model (torch tensors in, a torch
 tensor out), so no task code knows which runtime answers. Serving needs ``onnxruntime`` only
 (``pip install 'ts-handlers[onnx]'``); exporting and quantizing also need ``onnx`` and
-``onnxscript`` and live in :mod:`ts_handlers.onnx_export`.
+``onnxscript`` and live in :mod:`ts_handlers.onnx_export` (``ONNXFormat``, which extends
+:class:`ONNXArtifact`).
 
 Our metadata travels inside the file, as an ONNX ``metadata_props`` entry named
 ``ts_handlers.json``: ONNX Runtime hands it back from ``get_modelmeta().custom_metadata_map``,
@@ -19,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ts_handlers.config import ConfigError, OnnxRuntimeConfig
-from ts_handlers.export import METADATA_FILE, ExportError, ExportFormat, ExportPlan
+from ts_handlers.artifacts import METADATA_FILE, ArtifactFormat, ExportError
+from ts_handlers.config import OnnxRuntimeConfig
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -115,56 +116,18 @@ def session_from_bytes(
     )
 
 
-class ONNXFormat(ExportFormat):
-    """``torch.onnx.export`` (the dynamo exporter) with dynamic batch and sequence axes.
-
-    ``quantization: "dynamic_int8"`` is done by ONNX Runtime's own quantizer on the exported
-    graph (:meth:`export_reduced`), so its int8 kernels (MLAS) run it; ``freeze`` does not
-    apply: an ONNX graph holds its weights as constants already.
-    """
+class ONNXArtifact(ArtifactFormat):
+    """The load side of ``save_mode: "onnx"``: ``model.onnx`` in an ONNX Runtime session, with
+    the archive's ``onnxruntime`` settings (its export side is ``onnx_export.ONNXFormat``)."""
 
     name = "onnx"
     file_name = "model.onnx"
 
-    def __init__(self, freeze: bool = True, settings: OnnxRuntimeConfig | None = None) -> None:
+    def __init__(self, settings: OnnxRuntimeConfig | None = None) -> None:
         self.settings = settings or OnnxRuntimeConfig()
 
     def configure(self, config: Any) -> None:
         self.settings = config.onnxruntime
-
-    def export(self, model: torch.nn.Module, plan: ExportPlan, method: str) -> torch.nn.Module:
-        from ts_handlers import onnx_export
-
-        model_bytes = onnx_export.export_onnx(model, plan)
-        return ONNXModel(session_from_bytes(model_bytes, self.settings), model_bytes)
-
-    def export_reduced(
-        self, model: torch.nn.Module, plan: ExportPlan, config: Any
-    ) -> tuple[torch.nn.Module, dict[str, Any]]:
-        from ts_handlers import onnx_export
-
-        if config.dtype != "float32" or config.quantization != "dynamic_int8":
-            raise ExportError(
-                "save_mode 'onnx' reduces precision only with quantization 'dynamic_int8' "
-                f"(ONNX Runtime's own); got dtype {config.dtype!r}"
-            )
-        if not plan.calibration_inputs:
-            raise ConfigError(
-                "dynamic_int8 needs calibration_file: real inputs the accuracy gates run on "
-                "(text: one per line; images: a folder of image files)"
-            )
-        smoothed = onnx_export.smoothed(model, plan, onnx_export.SMOOTHING_ALPHA)
-        model_bytes, report = onnx_export.quantize_int8(
-            onnx_export.export_onnx(smoothed, plan), plan, config, self.settings
-        )
-        return ONNXModel(session_from_bytes(model_bytes, self.settings), model_bytes), report
-
-    def save(self, exported: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> None:
-        from ts_handlers import onnx_export
-
-        if not isinstance(exported, ONNXModel) or exported.model_bytes is None:
-            raise ExportError("onnx saves only a model it exported itself")
-        path.write_bytes(onnx_export.with_metadata(exported.model_bytes, json.dumps(metadata)))
 
     def load(self, path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
         ort = import_onnxruntime()

@@ -32,7 +32,8 @@ from torch import nn
 
 from ts_handlers import cpu
 from ts_handlers.config import ConfigError
-from ts_handlers.export import ExportError, ExportPlan, Judge
+from ts_handlers.export import ExportError, ExportPlan
+from ts_handlers.verification import Judge
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from torch.export import Dim
 
 from ts_handlers.config import ConfigError, read_json_object
-from ts_handlers.export import ExportPlan, one_at_a_time
+from ts_handlers.export import ExportPlan
 from ts_handlers.exporters.answers import is_number
 from ts_handlers.tasks import InitSetup
 from ts_handlers.text import (
@@ -28,6 +28,7 @@ from ts_handlers.text import (
     padded,
     text_export_inputs,
 )
+from ts_handlers.verification import one_at_a_time
 
 
 class PairLogits(LogitsOnly):

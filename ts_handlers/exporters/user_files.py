@@ -26,7 +26,7 @@ from torch import nn
 
 from ts_handlers.config import ConfigError
 from ts_handlers.errors import first_lines
-from ts_handlers.export import one_at_a_time
+from ts_handlers.verification import one_at_a_time
 
 __all__ = [
     "load_model_file",

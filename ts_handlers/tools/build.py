@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from ts_handlers import cpu, precision
+from ts_handlers.artifacts import FLOAT32_PREFIX
 from ts_handlers.config import SETUP_CONFIG_FILE, ConfigError, HandlerConfig
-from ts_handlers.export import FLOAT32_PREFIX, ExportError, ExportPlan, format_for, verify
+from ts_handlers.export import ExportError, ExportPlan, format_for
 from ts_handlers.labels import LABELS_FILE, read_labels
 from ts_handlers.tasks import load_task_config, tasks
+from ts_handlers.verification import verify
 
 logger = logging.getLogger("ts_handlers.tools.build")
 
