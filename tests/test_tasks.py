@@ -98,3 +98,40 @@ def test_each_builtin_task_declares_what_the_tools_need_and_no_tool_names_it():
         assert callable(tasks_module._resolve(task.init))
         assert callable(tasks_module._resolve(task.answer))
         assert f'"{mode}"' not in sources and f"'{mode}'" not in sources
+
+
+def test_a_tasks_init_options_come_from_its_record(monkeypatch, tmp_path: Path):
+    """init's task-specific options are declared by the task (Task.init_options): the image
+    task's are, cli.py names none, and a task's option reaches its init function."""
+    from dataclasses import replace
+
+    from ts_handlers.tasks import InitOption
+    from ts_handlers.tools import cli
+
+    assert "--image-size" not in (ROOT / "ts_handlers" / "tools" / "cli.py").read_text()
+    image = tasks()["image_classification"]
+    assert {flag for option in image.init_options for flag in option.flags} == {
+        "--image-size",
+        "--color-mode",
+        "--mean",
+        "--std",
+    }
+    seen = {}
+
+    def init(model_path, relative, options):
+        seen.update(options)
+        return None
+
+    text = replace(
+        tasks()["sequence_classification"],
+        init=init,
+        init_options=(InitOption(("--vocab-case",), {"choices": ("upper", "lower")}),),
+    )
+    monkeypatch.setattr(
+        tasks_module, "tasks", lambda: {"sequence_classification": text, "image": image}
+    )
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"")
+    argv = ["init", str(model), "--configs-root", str(tmp_path), "--vocab-case", "lower"]
+    cli.main(argv)  # whatever the image task then makes of an empty .pt file
+    assert seen["vocab_case"] == "lower" and seen["image_size"] == [28, 28]

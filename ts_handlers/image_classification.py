@@ -40,7 +40,7 @@ from ts_handlers.errors import (
 from ts_handlers.image_bytes import check_scan_work, check_structure
 from ts_handlers.payload import Request, decode_base64, reject_unknown_fields
 from ts_handlers.protocols import OutputTensor, Parsed, labels_and_scores
-from ts_handlers.tasks import Task
+from ts_handlers.tasks import InitOption, Task, positive_int
 
 COLOR_MODES = ("L", "RGB")
 # The formats the docs promise; Pillow opens nothing else (ICO, ICNS, EPS, JPEG 2000, ... get
@@ -349,6 +349,27 @@ TASK = Task(
     extra="vision",
     init="ts_handlers.exporters.image_classification:init_setup",
     init_takes="a TorchScript .pt file (image classification)",
+    init_options=(
+        InitOption(
+            ("--image-size",),
+            {
+                "type": positive_int,
+                "nargs": 2,
+                "default": [28, 28],
+                "metavar": ("H", "W"),
+                "help": ".pt image models: input height and width",
+            },
+        ),
+        InitOption(
+            ("--color-mode",), {"choices": ("L", "RGB"), "default": "L", "help": ".pt image models"}
+        ),
+        InitOption(
+            ("--mean",), {"type": float, "nargs": "+", "help": ".pt image models: per channel"}
+        ),
+        InitOption(
+            ("--std",), {"type": float, "nargs": "+", "help": ".pt image models: per channel"}
+        ),
+    ),
     answer="ts_handlers.exporters.image_classification:format_answer",
 )
 

@@ -18,9 +18,10 @@ read.
 
 from __future__ import annotations
 
+import argparse
 import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -50,6 +51,27 @@ BUILTIN_TASKS = (
 
 
 @dataclass(frozen=True)
+class InitOption:
+    """An option a task adds to ``ts-handlers init`` for the models it recognises: argparse's
+    ``add_argument(*flags, **settings)``. Its value reaches the task's ``init`` function in
+    ``options``, under argparse's name for it (``--image-size`` -> ``image_size``)."""
+
+    flags: tuple[str, ...]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+@dataclass(frozen=True)
 class Task:
     config: type[HandlerConfig]
     options: type[RequestOptions]
@@ -66,6 +88,8 @@ class Task:
     # model of another task; ``init_takes`` says what it takes, for init's refusals.
     init: str | Callable[..., InitSetup | None] | None = None
     init_takes: str = ""
+    # The options ``init`` takes for this task's models (``--image-size``, say).
+    init_options: tuple[InitOption, ...] = ()
     # How ``ts-handlers predict`` prints an answer, "module:function" or a function
     # ``(answer, texts sent or None) -> str``, None for an answer of another shape.
     answer: str | Callable[[Any, Sequence[str] | None], str | None] | None = None

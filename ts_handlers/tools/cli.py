@@ -385,16 +385,11 @@ def run_kserve(args: argparse.Namespace) -> int:
 
 
 def setup_for_model(
-    model_path: Path,
-    config_dir: Path,
-    *,
-    image_size: Sequence[int] = (28, 28),
-    color_mode: str = "L",
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    model_path: Path, config_dir: Path, options: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, str] | None]:
     """(setup_config.json, index_to_name.json or None) for a model folder or file: the first
-    task of the registry that recognises it (``Task.init``) writes them.
+    task of the registry that recognises it (``Task.init``) writes them, given the ``options``
+    the tasks add to init (tasks.InitOption) by name.
 
     Paths are written relative to ``config_dir``: the build reads them from there.
     """
@@ -403,9 +398,8 @@ def setup_for_model(
     if not model_path.exists():
         raise CommandError(f"{model_path} does not exist")
     relative = os.path.relpath(model_path.resolve(), config_dir.resolve())
-    options = {"image_size": image_size, "color_mode": color_mode, "mean": mean, "std": std}
     for task in tasks().values():
-        found = task.init_setup(model_path, relative, options)
+        found = task.init_setup(model_path, relative, dict(options or {}))
         if found is not None:
             return found
     takes = "; ".join(task.init_takes for task in tasks().values() if task.init_takes)
@@ -447,14 +441,8 @@ def run_init(args: argparse.Namespace) -> int:
     config_dir = args.configs_root / name
     if config_dir.exists() and not args.force:
         raise CommandError(f"{config_dir} exists; pass --force to replace it")
-    setup, labels = setup_for_model(
-        model_path,
-        config_dir,
-        image_size=args.image_size,
-        color_mode=args.color_mode,
-        mean=args.mean,
-        std=args.std,
-    )
+    options = {dest: getattr(args, dest) for dest in getattr(args, "task_options", ())}
+    setup, labels = setup_for_model(model_path, config_dir, options)
     if hub_model is not None:
         setup["model_name"] = hub_model.repo_id
     if config_dir.exists():
@@ -520,7 +508,8 @@ def run_handler_file(args: argparse.Namespace) -> int:
 # ---- the command -----------------------------------------------------------------------------
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(task_options: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``task_options``: with the options tasks add to ``init``."""
     parser = argparse.ArgumentParser(
         prog="ts-handlers",
         description="Build, serve and query TorchServe archives of ts_handlers models.",
@@ -625,17 +614,19 @@ def make_parser() -> argparse.ArgumentParser:
     init.add_argument("--name", help="config folder and archive name (default: the model's)")
     init.add_argument("--configs-root", type=Path, default=DEFAULT_CONFIGS_ROOT)
     init.add_argument("--force", action="store_true", help="replace an existing config folder")
-    init.add_argument(
-        "--image-size",
-        type=int,
-        nargs=2,
-        default=[28, 28],
-        metavar=("H", "W"),
-        help=".pt image models: input height and width",
-    )
-    init.add_argument("--color-mode", choices=("L", "RGB"), default="L", help=".pt image models")
-    init.add_argument("--mean", type=float, nargs="+", help=".pt image models: per channel")
-    init.add_argument("--std", type=float, nargs="+", help=".pt image models: per channel")
+    if task_options:
+        # Each task's own options (tasks.InitOption), read from the registry: only for init,
+        # as reading it imports every task.
+        from ts_handlers.tasks import tasks
+
+        dests: list[str] = []
+        flags: set[str] = set()
+        for task in tasks().values():
+            for option in task.init_options:
+                if flags.isdisjoint(option.flags):  # two tasks may share one (first wins)
+                    flags.update(option.flags)
+                    dests.append(init.add_argument(*option.flags, **option.settings).dest)
+        init.set_defaults(task_options=tuple(dests))
     init.set_defaults(run=run_init)
     return parser
 
@@ -646,14 +637,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Straight to the build's parser: argparse's REMAINDER would refuse a leading option
         # (`ts-handlers build --all`).
         return run_build(argv[1:])
-    parser = make_parser()
+    parser = make_parser(task_options=argv[:1] == ["init"])
     args = parser.parse_args(argv)
     if args.command == "predict" and bool(args.url) != bool(args.key):
         parser.error("predict: --url and --key go together (a running server wants its key)")
     if args.command == "predict" and args.html and not args.explain:
         parser.error("predict: --html draws an explanation; add --explain")
-    if args.command == "init" and min(args.image_size) < 1:
-        parser.error("init: --image-size needs two positive numbers")
     try:
         return args.run(args)
     except (CommandError, ConfigError) as error:
