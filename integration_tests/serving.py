@@ -6,10 +6,13 @@ Kept out of conftest.py so test modules import it by a name no other test folder
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,3 +49,16 @@ def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def described(server: Any, model: str) -> dict[str, Any]:
+    """The handler's describe answer (config, labels, export, precision), from
+    ``GET /models/<model>?customized=true`` on a LocalTorchServe."""
+    response = requests.get(
+        f"{server.management_url}/models/{model}?customized=true",
+        headers=server.auth_headers("management"),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    metadata = response.json()[0]["customizedMetadata"]
+    return json.loads(metadata) if isinstance(metadata, str) else metadata

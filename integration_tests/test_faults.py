@@ -16,7 +16,6 @@ phase is bounded in time and in request count; clients are Python threads on loo
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import signal
@@ -31,7 +30,7 @@ from typing import Any
 import pytest
 import requests
 from PIL import Image
-from serving import MODEL_STORE, require
+from serving import MODEL_STORE, described, require
 
 from ts_handlers.sequence_classification import MIN_EXPLANATION_TOKENS
 from ts_handlers.tools.server import LocalTorchServe
@@ -150,14 +149,7 @@ def rss_kib(pid: int) -> int:
 
 def served_config(server: LocalTorchServe, model: str) -> dict[str, Any]:
     """The handler's resolved config, from ``GET /models/<model>?customized=true``."""
-    response = requests.get(
-        f"{server.management_url}/models/{model}?customized=true",
-        headers=server.auth_headers("management"),
-        timeout=60,
-    )
-    response.raise_for_status()
-    metadata = response.json()[0]["customizedMetadata"]
-    return (json.loads(metadata) if isinstance(metadata, str) else metadata)["config"]
+    return described(server, model)["config"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -294,7 +286,7 @@ def test_the_worst_prediction_at_each_text_limit_gets_200_or_4xx(torchserve, inf
 def test_the_worst_explanations_get_200_413_or_429_and_the_worker_stays(torchserve, inference):
     model = "sentiment_eager"
     config = served_config(torchserve, model)
-    described = torchserve.client().describe(model)
+    registered = torchserve.client().describe(model)
     pid = worker(torchserve, model)["pid"]
     url = f"{torchserve.inference_url}/explanations/{model}"
     longest = "The hotel was lovely but the service was painfully slow. " * 40  # truncated
@@ -308,7 +300,7 @@ def test_the_worst_explanations_get_200_413_or_429_and_the_worker_stays(torchser
     # short texts as one request may bring. The budget runs some, the rest get 429.
     per_text = MIN_EXPLANATION_TOKENS * config["explanation_steps"]
     shorts = min(texts, config["max_explanation_token_steps"] // per_text)
-    batch = [{"data": longest.encode(), "headers": TEXT}] * (described["batchSize"] - 1)
+    batch = [{"data": longest.encode(), "headers": TEXT}] * (registered["batchSize"] - 1)
     batch.insert(0, {"json": {"inputs": [short] * shorts}})
     with ThreadPoolExecutor(len(batch)) as pool:
         started = time.monotonic()
@@ -317,7 +309,7 @@ def test_the_worst_explanations_get_200_413_or_429_and_the_worker_stays(torchser
     statuses = Counter(response.status_code for response in responses)
     print(
         f"a batch of {len(batch)} worst explanations: {dict(statuses)} in {elapsed:.1f} s "
-        f"(responseTimeout {described.get('responseTimeout')} s)"
+        f"(responseTimeout {registered.get('responseTimeout')} s)"
     )
     for response in responses:
         assert response.status_code in (200, 429), response.text[:300]

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from harness import body_headers, load_text_handler, make_context, run_batch, unpack_archive
-from serving import MODEL_STORE, ROOT, png_bytes, require
+from serving import MODEL_STORE, ROOT, described, png_bytes, require
 
 from ts_handlers import cpu
 from ts_handlers.export import ExportError
@@ -91,17 +90,10 @@ def test_reduced_minilm_is_served_within_its_gate(inference, torchserve, encoded
         assert report["recipe"]["quantized_layers"] > len(report["recipe"]["float32_layers"])
 
     # What runs here: the archive's precision where this CPU runs it fast, else float32.
-    response = requests.get(
-        f"{torchserve.management_url}/models/{archive}?customized=true",
-        headers=torchserve.auth_headers("management"),
-        timeout=30,
-    )
-    assert response.status_code == 200, response.text
-    described = response.json()[0]["customizedMetadata"]
-    described = json.loads(described) if isinstance(described, str) else described
+    metadata = described(torchserve, archive)
     recorded = {"name": name, "kernel": kernel, "float32_file": "float32_model.pt"}
     expected = cpu.serving_precision({**recorded, "speed": report["speed"]})
-    assert described["precision"] == expected
+    assert metadata["precision"] == expected
     print(f"{archive} on this CPU: serving {expected['serving']} ({expected['reason']})")
 
 

@@ -116,6 +116,19 @@ class Scorer(nn.Module):
 """
 
 
+def write_scorer(folder: Path) -> torch.nn.Module:
+    """The user's model in ``folder`` (scorer.py and its state_dict scorer.pt), seeded; the
+    model itself, for the expected answers."""
+    folder.mkdir()
+    (folder / "scorer.py").write_text(MODEL_FILE)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(MODEL_FILE, namespace)
+    model = namespace["Scorer"]().eval()
+    torch.save(model.state_dict(), folder / "scorer.pt")
+    return model
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package pip-installed into its own folder; returns that folder (for PYTHONPATH)."""
@@ -145,13 +158,7 @@ def test_a_third_party_task_is_built_and_served(installed: Path, tmp_path: Path)
     assert "vector_scoring" in listing and "ts_tiny_task:handle" in listing
 
     config_dir = tmp_path / "scorer"
-    config_dir.mkdir()
-    (config_dir / "scorer.py").write_text(MODEL_FILE)
-    torch.manual_seed(0)
-    namespace: dict = {}
-    exec(MODEL_FILE, namespace)
-    model = namespace["Scorer"]().eval()
-    torch.save(model.state_dict(), config_dir / "scorer.pt")
+    model = write_scorer(config_dir)
     setup = {
         "mode": "vector_scoring",
         "model_file": "scorer.py",
@@ -208,13 +215,7 @@ def test_a_third_party_task_appears_in_init_predict_and_kserve(
         )
 
     model = tmp_path / "scorer"
-    model.mkdir()
-    (model / "scorer.py").write_text(MODEL_FILE)
-    torch.manual_seed(0)
-    namespace: dict = {}
-    exec(MODEL_FILE, namespace)
-    scorer = namespace["Scorer"]().eval()
-    torch.save(scorer.state_dict(), model / "scorer.pt")
+    scorer = write_scorer(model)
     configs, store = tmp_path / "configs", tmp_path / "store"
 
     init = command("init", str(model), "--configs-root", str(configs))

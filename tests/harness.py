@@ -65,6 +65,17 @@ TINY_TEXT_CORPUS = [
 ]
 
 
+# The special tokens (and length) of the tiny WordPiece tokenizers, BERT's.
+WORDPIECE_TOKENS = {
+    "unk_token": "[UNK]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+    "model_max_length": 64,
+}
+
+
 def make_tiny_tokenizer() -> Any:
     """A BERT-style WordPiece tokenizer trained on a few sentences; special tokens come first."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -86,12 +97,7 @@ def make_tiny_tokenizer() -> Any:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
+        **WORDPIECE_TOKENS,
     )
 
 
@@ -233,12 +239,7 @@ def make_unigram_tokenizer() -> Any:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
+        **WORDPIECE_TOKENS,
     )
 
 
@@ -477,12 +478,7 @@ def save_tiny_cross_encoder(folder: Path, architecture: str, seed: int = 0) -> P
     if architecture == "bert":  # BERT's own tokenizer class: token_type_ids for pairs
         tokenizer = transformers.BertTokenizerFast(
             tokenizer_object=tokenizer.backend_tokenizer,
-            unk_token="[UNK]",
-            pad_token="[PAD]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-            model_max_length=64,
+            **WORDPIECE_TOKENS,
         )
     config = getattr(transformers, config_name)(
         **{

@@ -32,7 +32,7 @@ import orjson
 
 from ts_handlers.errors import InvalidInput, NotFound, shorten
 from ts_handlers.payload import Request, preview, reject_unknown_fields
-from ts_handlers.protocols import Decoded, Parsed, TaskSpec, WireProtocol
+from ts_handlers.protocols import Decoded, Parsed, TaskSpec, WireProtocol, json_object
 
 # The route under /predictions/<model>/<version>/ (the client appends /embeddings to its
 # base_url, which ends in /v1).
@@ -74,13 +74,7 @@ class OpenAIEmbeddings(WireProtocol):
                 f"{EMBEDDINGS_PATH}: this model ({spec.task}) does not embed text; OpenAI's "
                 "embeddings API is served by sentence_embedding archives"
             )
-        payload = self.payload
-        if payload is None:
-            if request.is_empty:
-                raise InvalidInput(f"the request body is empty; send {SHAPE}")
-            payload = request.json()
-        if not isinstance(payload, dict):
-            raise InvalidInput(f"the body must be a JSON object, {SHAPE}")
+        payload = json_object(self.payload, request, SHAPE)
         reject_unknown_fields(payload, [*OPENAI_FIELDS, *spec.option_names])
         texts = _texts(payload.get("input", None), "input" in payload)
         _name(payload, "model", required=True)

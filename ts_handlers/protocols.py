@@ -458,6 +458,18 @@ def _is_text_pair(item: dict[str, Any]) -> bool:
     return "text" in item and not {"name", "datatype", "data", "shape"} & item.keys()
 
 
+def json_object(payload: Any, request: Request, shape: str) -> dict[str, Any]:
+    """A protocol's body as a JSON object: ``payload`` when the body was recognised by its
+    shape (already parsed), else the request's body, read now; ``shape`` is named in errors."""
+    if payload is None:
+        if request.is_empty:
+            raise InvalidInput(f"the request body is empty; send {shape}")
+        payload = request.json()
+    if not isinstance(payload, dict):
+        raise InvalidInput(f"the body must be a JSON object, {shape}")
+    return payload
+
+
 # ---- internals ----------------------------------------------------------------------------
 
 

@@ -38,7 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from ts_handlers.config import ConfigError, validation_message
 from ts_handlers.errors import InvalidInput
 from ts_handlers.payload import Request, preview
-from ts_handlers.protocols import TASK_FORM, Decoded, Parsed, TaskSpec, TextPair, WireProtocol
+from ts_handlers.protocols import (
+    TASK_FORM,
+    Decoded,
+    Parsed,
+    TaskSpec,
+    TextPair,
+    WireProtocol,
+    json_object,
+)
 
 # The route under /predictions/<model>/<version>/ (text-embeddings-inference's path).
 RERANK_PATH = "rerank"
@@ -135,13 +143,7 @@ class Rerank(WireProtocol):
                 "cross-encoder with one output (num_labels 1). Send text pairs as "
                 '{"inputs": [{"text": ..., "text_pair": ...}]} to classify them'
             )
-        payload = self.payload
-        if payload is None:
-            if request.is_empty:
-                raise InvalidInput(f"the request body is empty; send {SHAPE}")
-            payload = request.json()
-        if not isinstance(payload, dict):
-            raise InvalidInput(f"the body must be a JSON object, {SHAPE}")
+        payload = json_object(self.payload, request, SHAPE)
         texts = payload.get("texts")
         # Counted before the fields are validated one by one: each text is a pair to run.
         if isinstance(texts, list):

@@ -512,21 +512,16 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         # The tokenizer reads its truncation_side at each call; a worker handles one batch at
         # a time, so setting it per text is safe.
         self.tokenizer.truncation_side = side
-        with self.batch.metrics.timed(TOKENIZE):
-            encoding = self.tokenizer(
-                text,
-                truncation=truncate,
-                max_length=max_length,
-                add_special_tokens=add_special_tokens,
-                return_offsets_mapping=self.token_outputs or (offsets and self.tokenizer.is_fast),
-                return_special_tokens_mask=per_token,
-            )
+        encoding = self._encode(
+            f"{field}[{index}]",
+            (text,),
+            truncation=truncate,
+            max_length=max_length,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=self.token_outputs or (offsets and self.tokenizer.is_fast),
+            return_special_tokens_mask=per_token,
+        )
         input_ids = encoding["input_ids"]
-        if len(input_ids) > max_length:
-            raise PayloadTooLarge(
-                f"{field}[{index}] is {len(input_ids)} tokens; this model reads at most "
-                f"{max_length}. Shorten it or send truncate: true"
-            )
         spans = encoding.get("offset_mapping")
         if shift:  # offsets into the text as sent, as the pipeline gives them
             text = sent.lower() if self.config.do_lower_case else sent
@@ -538,6 +533,20 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
             offsets=spans,
             special_tokens_mask=encoding.get("special_tokens_mask"),
         )
+
+    def _encode(self, name: str, texts: tuple[str, ...], **settings: Any) -> Any:
+        """The tokenizer's encoding of one text or one pair, timed; refused when it is longer
+        than ``settings["max_length"]`` (truncation off)."""
+        with self.batch.metrics.timed(TOKENIZE):
+            encoding = self.tokenizer(*texts, **settings)
+        count, max_length = len(encoding["input_ids"]), settings["max_length"]
+        if count > max_length:
+            pair = " as a pair" if len(texts) == 2 else ""
+            raise PayloadTooLarge(
+                f"{name} is {count} tokens{pair}; this model reads at most {max_length}. "
+                "Shorten it or send truncate: true"
+            )
+        return encoding
 
     def _checked(self, text: str, name: str) -> str:
         if not text.strip():
@@ -593,20 +602,14 @@ class TextHandler(TaskHandler[TextConfigT, TextOptionsT]):
         if self.config.do_lower_case:
             first, second = first.lower(), second.lower()
         self.tokenizer.truncation_side = side
-        with self.batch.metrics.timed(TOKENIZE):
-            encoding = self.tokenizer(
-                first,
-                second,
-                truncation="longest_first" if truncate else False,
-                max_length=max_length,
-                add_special_tokens=add_special_tokens,
-            )
+        encoding = self._encode(
+            name,
+            (first, second),
+            truncation="longest_first" if truncate else False,
+            max_length=max_length,
+            add_special_tokens=add_special_tokens,
+        )
         input_ids = encoding["input_ids"]
-        if len(input_ids) > max_length:
-            raise PayloadTooLarge(
-                f"{name} is {len(input_ids)} tokens as a pair; this model reads at most "
-                f"{max_length}. Shorten it or send truncate: true"
-            )
         token_type_ids = encoding.get("token_type_ids")
         if token_type_ids is not None and not any(token_type_ids):
             token_type_ids = None

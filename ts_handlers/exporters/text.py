@@ -39,12 +39,7 @@ class PairLogits(LogitsOnly):
     def forward(  # type: ignore[override]
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> torch.Tensor:
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            return_dict=False,
-        )[0]
+        return super().forward(input_ids, attention_mask, token_type_ids)
 
 
 def text_export_plan(
