@@ -27,7 +27,10 @@ same precision; the results are
 written to ``benchmarks/results/peers.json`` and drawn in ``benchmarks/results/peers.png``. Each
 server's answers for ``datasets/calibration.txt`` are also compared with float32 ``encode``
 (min cosine, nearest-neighbour agreement: the build's gate figures), so a peer's speed is shown
-with what its precision costs.
+with what its precision costs. Every cell also counts the CPU time each process spent per
+request (for ours TorchServe's Java frontend and the Python worker; ``hey``; in process, per
+sentence): with the load generator on the same few cores, that sum bounds the rate, and it
+shows where a server's time goes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -101,6 +105,9 @@ class Cell:
     p99_ms: float
     requests: int
     errors: int
+    # Where the CPU went, in ms per request (per sentence in process): each server process by
+    # program, and the load generator. Their sum bounds the rate at cores x 1000 / sum.
+    cpu_ms_per_request: dict[str, float] | None = None
 
 
 def instruction_sets() -> dict[str, bool]:
@@ -130,15 +137,19 @@ def cpu_name() -> str:
 
 def hey(
     url: str, body: dict[str, Any], concurrency: int, seconds: float, headers: dict[str, str]
-) -> tuple[float, float, float, int, int]:
-    """Runs hey; returns (req/s, p50 ms, p99 ms, responses, non-200 responses)."""
+) -> tuple[float, float, float, int, int, float]:
+    """Runs hey; returns (req/s, p50 ms, p99 ms, responses, non-200 responses, the CPU
+    seconds hey itself spent)."""
     command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST"]
     command += ["-T", "application/json", "-d", json.dumps(body)]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(
         [*command, url], capture_output=True, text=True, check=True, timeout=seconds + 120
     ).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
 
     def quantile(q: int) -> float:
@@ -150,7 +161,24 @@ def hey(
     # Requests that got no answer at all (refused, timed out) are listed as "[count]\tPost ...".
     _, _, failures = output.partition("Error distribution:")
     errors += sum(int(n) for n in re.findall(r"\[(\d+)\]\s+\S", failures))
-    return rate, quantile(50), quantile(99), sum(statuses.values()), errors
+    return rate, quantile(50), quantile(99), sum(statuses.values()), errors, cpu
+
+
+def server_cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) a server's live processes have spent, by program name:
+    for ours ``java`` (TorchServe's frontend) and ``python`` (the launcher and the worker)."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    spent: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            name, times = process.name(), process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        program = "python" if name.startswith("python") else name
+        spent[program] = spent.get(program, 0.0) + times.user + times.system
+    return spent
 
 
 # ---- the systems ------------------------------------------------------------------------------
@@ -173,6 +201,7 @@ class Endpoint:
     body_key: str  # the JSON field the sentence goes in
     as_list: bool = False  # Infinity takes {"input": [text]}
     extra: dict[str, Any] | None = None
+    pid: int | None = None  # the server's root process, whose tree's CPU time is counted
 
     def body(self, sentence: str) -> dict[str, Any]:
         return {self.body_key: [sentence] if self.as_list else sentence, **(self.extra or {})}
@@ -215,10 +244,12 @@ def torchserve(archive: str) -> Iterator[Endpoint]:
         store = Path(tmp)
         shutil.copy2(MODEL_STORE / f"{archive}.mar", store / f"{archive}.mar")
         with LocalTorchServe(store, [f"{archive}.mar"]) as server:
+            assert server.process is not None
             yield Endpoint(
                 f"{server.inference_url}/predictions/{archive}",
                 server.auth_headers("inference"),
                 "inputs",
+                pid=server.process.pid,
             )
 
 
@@ -249,6 +280,7 @@ def peer_process(kind: str, precision: str, port: int) -> Iterator[Endpoint]:
         )
         try:
             _wait_until_ready(process, ready, log, kind)
+            endpoint.pid = process.pid
             yield endpoint
         finally:
             os.killpg(process.pid, signal.SIGTERM)
@@ -296,13 +328,19 @@ def bench_system(
         # optimises a graph on its first runs.
         hey(endpoint.url, body, max(concurrencies), 4, endpoint.headers)
         for concurrency in concurrencies:
-            rate, p50, p99, count, errors = hey(
+            before = server_cpu_seconds(endpoint.pid) if endpoint.pid else {}
+            rate, p50, p99, count, errors, hey_cpu = hey(
                 endpoint.url, body, concurrency, seconds, endpoint.headers
             )
-            cell = Cell(name, precision, workload, concurrency, rate, p50, p99, count, errors)
+            after = server_cpu_seconds(endpoint.pid) if endpoint.pid else {}
+            spent = {name: after[name] - before.get(name, 0.0) for name in after}
+            spent["hey"] = hey_cpu
+            cpu = {name: round(1000 * value / max(count, 1), 3) for name, value in spent.items()}
+            cell = Cell(name, precision, workload, concurrency, rate, p50, p99, count, errors, cpu)
             print(
                 f"  {name:14} {workload:5} c={concurrency:<3} {rate:8.1f} req/s  "
-                f"p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  errors {errors}",
+                f"p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  errors {errors}  CPU ms/request "
+                + ", ".join(f"{program} {ms:.2f}" for program, ms in cpu.items()),
                 flush=True,
             )
             cells.append(cell)
@@ -416,12 +454,13 @@ def _in_process_cell(
     for _ in range(3):
         encode(batch)
     latencies = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         call = time.perf_counter()
         encode(batch)
         latencies.append((time.perf_counter() - call) * 1000)
     elapsed = time.perf_counter() - started
+    cpu_ms = 1000 * (time.process_time() - cpu_started) / (len(latencies) * ENCODE_BATCH)
     latencies.sort()
     cell = Cell(
         name,
@@ -433,8 +472,12 @@ def _in_process_cell(
         latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         len(latencies) * ENCODE_BATCH,
         0,
+        {"this process": round(cpu_ms, 3)},
     )
-    print(f"  {name:14} {workload:5} batch {ENCODE_BATCH} {cell.requests_per_s:8.1f} sent/s")
+    print(
+        f"  {name:14} {workload:5} batch {ENCODE_BATCH} {cell.requests_per_s:8.1f} sent/s  "
+        f"CPU {cpu_ms:.2f} ms/sentence"
+    )
     return cell
 
 
@@ -535,6 +578,7 @@ def table(cells: list[Cell], rows: list[dict[str, Any]]) -> str:
         for cell in cells:
             if cell.system in IN_PROCESS and cell.workload == workload:
                 lines.append(f"{cell.system:16}{cell.requests_per_s:7.1f} sentences/s at batch 16")
+    lines.append(cpu_table(cells))
     lines.append("\nratios (ours / other, same workload and concurrency)")
     lines.append(
         f"{'system':16}{'workload':>9}{'conc':>6}{'vs encode fp32':>16}{'vs encode same':>16}"
@@ -546,6 +590,27 @@ def table(cells: list[Cell], rows: list[dict[str, Any]]) -> str:
             f"{_show(row['vs_encode_fp32']):>16}{_show(row['vs_encode_same_precision']):>16}"
             f"{_show(row['vs_best_peer_same_precision']):>14}"
         )
+    return "\n".join(lines)
+
+
+def cpu_table(cells: list[Cell]) -> str:
+    """Where each request's CPU went at c=16 (or the highest concurrency run): the bound a
+    system's rate meets on this machine is cores x 1000 / the sum."""
+    served = [c.concurrency for c in cells if c.system not in IN_PROCESS]
+    concurrency = 16 if 16 in served else max(served, default=ENCODE_BATCH)
+    lines = [
+        f"\nCPU ms per request at c={concurrency} (in process: per sentence at batch "
+        f"{ENCODE_BATCH}); {os.cpu_count()} cores bound the rate at "
+        f"{os.cpu_count()} x 1000 / total"
+    ]
+    for cell in cells:
+        if cell.cpu_ms_per_request is None:
+            continue
+        if cell.system not in IN_PROCESS and cell.concurrency != concurrency:
+            continue
+        parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cell.cpu_ms_per_request.items())
+        total = sum(cell.cpu_ms_per_request.values())
+        lines.append(f"  {cell.system:16}{cell.workload:>6}  total {total:6.2f}  ({parts})")
     return "\n".join(lines)
 
 

@@ -465,11 +465,13 @@ class FbgemmInt8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In place after the first product: each new (tokens, out_features) tensor costs a pass
+        # of fresh memory, which at long sentences took about a third of what int8 saves.
         x = x * self.inverse_smooth
-        row_max = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
-        out = self.linear(x / row_max) * row_max
+        row_max = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8)
+        out = self.linear(x.div_(row_max)).mul_(row_max)
         if self.bias is not None:
-            out = out + self.bias
+            out = out.add_(self.bias)
         return out
 
 

@@ -1,0 +1,184 @@
+"""How much faster int8 can make MiniLM on this CPU, and how much of that the accuracy gate keeps.
+
+    python benchmarks/int8_bound.py [--seconds 8]
+
+Everything runs in this process, on TorchScript graphs traced and frozen as the build writes
+them, at the build's speed cases (the largest verification batch, at its shortest and longest
+sentences). It prints, against float32:
+
+- the share of float32 time spent in Linear layers (torch.profiler): what int8 can speed up;
+- every Linear layer int8 on fbgemm's dynamic kernel as it comes (activations quantized per
+  tensor, nothing added around it): the most dynamic int8 gives this model on this CPU, and
+  what that costs in accuracy;
+- every Linear layer in our recipe (SmoothQuant, activations per token): what the recipe's
+  extra work costs;
+- the layers the build's gate chooses (``quantize_dynamic_int8``, as ``minilm_int8.mar``).
+
+Each line gives the gate's figures over ``datasets/calibration.txt`` (min cosine, nearest-
+neighbour agreement; the gate needs 0.99 and 0.98). The CPU's instruction sets come first:
+without VNNI, fbgemm multiplies int8 with AVX2's ``vpmaddubsw``, which is why this bound is
+lower there. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ts_handlers import cpu, precision  # noqa: E402
+from ts_handlers.tools.build import (  # noqa: E402
+    SETUP_CONFIG_FILE,
+    load_task_config,
+    resolve_hub_model,
+    resolve_paths,
+)
+
+CONFIG_DIR = ROOT / "archiver_configs" / "minilm_int8"
+
+
+class PerTensorInt8Linear(nn.Module):
+    """fbgemm's dynamic int8 Linear as it comes: one activation scale per tensor."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = torch.ao.nn.quantized.dynamic.Linear(
+            linear.in_features, linear.out_features, dtype=torch.qint8
+        )
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        quantized = torch.quantize_per_channel(
+            weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8
+        )
+        self.linear.set_weight_bias(quantized, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def with_every_linear(model: nn.Module, make: Any) -> nn.Module:
+    converted = copy.deepcopy(model).eval()
+    for name, module in list(converted.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = converted.get_submodule(parent_name) if parent_name else converted
+            setattr(parent, child, make(name, module))
+    return converted
+
+
+def traced(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    with torch.inference_mode():
+        return torch.jit.freeze(torch.jit.trace(model, inputs, check_trace=False).eval())
+
+
+def linear_share(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    """The share of the eager float32 model's CPU time spent in ``aten::linear``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(*inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                model(*inputs)
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    linear = sum(event.cpu_time_total for event in events if event.key == "aten::linear")
+    return linear / total
+
+
+def rows_per_second(
+    graphs: dict[str, Any], inputs: tuple[torch.Tensor, ...], seconds: float
+) -> dict[str, float]:
+    """Each graph timed in turn (so load from elsewhere hits all alike); the median call."""
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    with torch.inference_mode():
+        for graph in graphs.values():
+            graph(*inputs)
+            graph(*inputs)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times["float32"]) < 3:
+            for name, graph in graphs.items():
+                started = time.perf_counter()
+                graph(*inputs)
+                times[name].append(time.perf_counter() - started)
+    return {name: len(inputs[0]) / statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="per case, all graphs")
+    args = parser.parse_args(argv)
+    isa = cpu.instruction_sets()
+    print(
+        f"CPU: torch capability {isa['cpu_capability']}; "
+        + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa.items() if isinstance(v, bool)),
+        flush=True,
+    )
+    task, config = load_task_config(CONFIG_DIR / SETUP_CONFIG_FILE)
+    config, _ = resolve_hub_model(config, CONFIG_DIR)
+    config = resolve_paths(config, CONFIG_DIR)
+    plan = task.prepare_export(config)
+    model = plan.model.eval()
+    calibration = plan.calibration_inputs
+    cases = precision.speed_cases(plan)
+    expected = precision.rows_compared(plan, model, calibration)
+
+    def figures(candidate: nn.Module) -> dict[str, float]:
+        actual = precision.rows_compared(plan, candidate, calibration)
+        return precision.compare(expected, actual, plan.output_kind)
+
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    absmax = precision.input_ranges(model, linears, calibration)
+    alpha = precision.SMOOTHING_ALPHA
+    gated, report = precision.reduce_precision(config, plan)  # the build's own step
+    recipe = report["recipe"]
+    variants = {
+        "every Linear, per tensor": with_every_linear(
+            model, lambda name, linear: PerTensorInt8Linear(linear)
+        ),
+        "every Linear, per token": with_every_linear(
+            model,
+            lambda name, linear: (
+                precision.FbgemmInt8Linear(linear, absmax[name], alpha)
+                if name in absmax
+                else linear
+            ),
+        ),
+        f"gate's choice ({recipe['quantized_layers']} int8)": gated,
+    }
+    example = cases[max(cases, key=lambda case: cases[case][0].numel())]
+    graphs = {"float32": traced(model, example)}
+    accuracy = {}
+    for name, variant in variants.items():
+        accuracy[name] = figures(variant)
+        graphs[name] = traced(variant, example)
+    for case, inputs in cases.items():
+        share = linear_share(model, inputs)
+        speed = rows_per_second(graphs, inputs, args.seconds)
+        shape = "x".join(str(size) for size in inputs[0].shape)
+        print(
+            f"\n{case} {shape}: float32 {speed['float32']:.1f} rows/s; Linear layers take "
+            f"{share:.0%} of float32 time"
+        )
+        for name in variants:
+            found = accuracy[name]
+            print(
+                f"  {name:28} {speed[name] / speed['float32']:5.2f}x float32   "
+                f"min cosine {found['min_cosine']:.4f}, neighbour agreement "
+                f"{found['neighbour_agreement']:.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
