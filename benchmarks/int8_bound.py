@@ -1,10 +1,11 @@
 """How much faster int8 can make MiniLM on this CPU, and how much of that the accuracy gate keeps.
 
-    python benchmarks/int8_bound.py [--seconds 8]
+    python benchmarks/int8_bound.py
 
 Everything runs in this process, on TorchScript graphs traced and frozen as the build writes
-them, at the build's speed cases (the largest verification batch, at its shortest and longest
-sentences). It prints, against float32:
+them, timed as the build times a reduced graph (``precision.measure_speed``: alternating with
+float32, at the largest verification batch, shortest and longest sentences). It prints, against
+float32:
 
 - the share of float32 time spent in Linear layers (torch.profiler): what int8 can speed up;
 - every Linear layer int8 on fbgemm's dynamic kernel as it comes (activations quantized per
@@ -26,7 +27,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -96,28 +96,8 @@ def linear_share(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
     return linear / total
 
 
-def rows_per_second(
-    graphs: dict[str, Any], inputs: tuple[torch.Tensor, ...], seconds: float
-) -> dict[str, float]:
-    """Each graph timed in turn (so load from elsewhere hits all alike); the median call."""
-    times: dict[str, list[float]] = {name: [] for name in graphs}
-    with torch.inference_mode():
-        for graph in graphs.values():
-            graph(*inputs)
-            graph(*inputs)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(times["float32"]) < 3:
-            for name, graph in graphs.items():
-                started = time.perf_counter()
-                graph(*inputs)
-                times[name].append(time.perf_counter() - started)
-    return {name: len(inputs[0]) / statistics.median(values) for name, values in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=8.0, help="per case, all graphs")
-    args = parser.parse_args(argv)
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     isa = cpu.instruction_sets()
     print(
         f"CPU: torch capability {isa['cpu_capability']}; "
@@ -157,25 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         f"gate's choice ({recipe['quantized_layers']} int8)": gated,
     }
     example = cases[max(cases, key=lambda case: cases[case][0].numel())]
-    graphs = {"float32": traced(model, example)}
-    accuracy = {}
+    float32_graph = traced(model, example)
+    rows = []
     for name, variant in variants.items():
-        accuracy[name] = figures(variant)
-        graphs[name] = traced(variant, example)
+        speed = precision.measure_speed(float32_graph, traced(variant, example), plan)
+        rows.append((name, figures(variant), speed["cases"]))
     for case, inputs in cases.items():
-        share = linear_share(model, inputs)
-        speed = rows_per_second(graphs, inputs, args.seconds)
         shape = "x".join(str(size) for size in inputs[0].shape)
+        float32_rate = statistics.median(found[case]["float32_per_s"] for _, _, found in rows)
         print(
-            f"\n{case} {shape}: float32 {speed['float32']:.1f} rows/s; Linear layers take "
-            f"{share:.0%} of float32 time"
+            f"\n{case} {shape}: float32 {float32_rate:.1f} rows/s; Linear layers take "
+            f"{linear_share(model, inputs):.0%} of float32 time"
         )
-        for name in variants:
-            found = accuracy[name]
+        for name, found, speed in rows:
             print(
-                f"  {name:28} {speed[name] / speed['float32']:5.2f}x float32   "
-                f"min cosine {found['min_cosine']:.4f}, neighbour agreement "
-                f"{found['neighbour_agreement']:.3f}"
+                f"  {name:28} {speed[case]['ratio']:5.2f}x float32   min cosine "
+                f"{found['min_cosine']:.4f}, neighbour agreement {found['neighbour_agreement']:.3f}"
             )
     return 0
 
