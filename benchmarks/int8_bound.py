@@ -18,7 +18,7 @@ float32:
 Each line gives the gate's figures over ``datasets/calibration.txt`` (min cosine, nearest-
 neighbour agreement; the gate needs 0.99 and 0.98). The CPU's instruction sets come first:
 without VNNI, fbgemm multiplies int8 with AVX2's ``vpmaddubsw``, which is why this bound is
-lower there. See docs/performance.md.
+lower there than with VNNI. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import copy
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ class PerTensorInt8Linear(nn.Module):
         return self.linear(x)
 
 
-def with_every_linear(model: nn.Module, make: Any) -> nn.Module:
+def with_every_linear(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> nn.Module:
+    """A copy of ``model`` with each ``nn.Linear`` replaced by ``make(name, linear)``."""
     converted = copy.deepcopy(model).eval()
     for name, module in list(converted.named_modules()):
         if isinstance(module, nn.Linear):
