@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from harness import (
     TINY_TEXT_MAX_LENGTH,
     TORCHSERVE_EXAMPLE_SETUP,
     save_tiny_classifier,
     trace_like_torchserve_example,
 )
+from serving import described
 
 from ts_handlers.tools import cli
 from ts_handlers.tools.server import LocalTorchServe
@@ -143,13 +143,7 @@ def test_archives_made_with_the_archiver_command_answer_as_the_pipeline(
                 for item in got:
                     assert item["score"] == pytest.approx(want[item["label"]], abs=1e-4)
     # What the load derived, in the describe answer: the graph takes input_ids alone.
-    response = requests.get(
-        f"{server.management_url}/models/traced?customized=true",
-        headers=server.auth_headers("management"),
-        timeout=10,
-    )
-    metadata = response.json()[0]["customizedMetadata"]
-    export = (json.loads(metadata) if isinstance(metadata, str) else metadata)["export"]
+    export = described(server, "traced")["export"]
     assert export["inputs"] == ["input_ids"] and export["num_classes"] == 3
 
 

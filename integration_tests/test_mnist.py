@@ -4,14 +4,13 @@ forms, batching, and bad input."""
 from __future__ import annotations
 
 import base64
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 from PIL import Image
-from serving import png_bytes
+from serving import described, png_bytes
 
 MIN_ACCURACY = 0.95
 
@@ -149,16 +148,7 @@ def test_requests_without_the_token_are_refused(torchserve, predict_url, heldout
 
 
 def test_describe_shows_the_served_config_and_verification(torchserve):
-    import requests
-
-    response = requests.get(
-        f"{torchserve.management_url}/models/mnist?customized=true",
-        headers=torchserve.auth_headers("management"),
-        timeout=30,
-    )
-    assert response.status_code == 200, response.text
-    metadata = response.json()[0]["customizedMetadata"]
-    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+    metadata = described(torchserve, "mnist")
     assert metadata["config"]["mode"] == "image_classification"
     assert metadata["export"]["verification"]["dynamic_shapes"]["passed"] is True
 

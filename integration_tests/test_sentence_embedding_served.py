@@ -8,14 +8,12 @@ module, so the unnormalised reference is the folder's Transformer and Pooling mo
 
 from __future__ import annotations
 
-import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import requests
-from serving import MODEL_STORE, ROOT, require
+from serving import MODEL_STORE, ROOT, described, require
 
 CHECKPOINT = ROOT / "build/checkpoints/minilm"
 MIN_COSINE = 0.9999
@@ -201,20 +199,13 @@ def test_bad_requests_get_4xx_json(inference, url, body, status):
 
 
 def test_describe_says_what_runs_the_model(torchserve, model):
-    response = requests.get(
-        f"{torchserve.management_url}/models/{model}?customized=true",
-        headers=torchserve.auth_headers("management"),
-        timeout=60,
-    )
-    response.raise_for_status()
-    metadata = response.json()[0]["customizedMetadata"]
-    described = json.loads(metadata) if isinstance(metadata, str) else metadata
+    answer = described(torchserve, model)
     save_mode = {"minilm": "torchscript", "minilm_aoti": "aot_inductor", "minilm_onnx": "onnx"}
-    assert described["config"]["save_mode"] == save_mode[model]
-    runtime = described["export"].get("runtime")
+    assert answer["config"]["save_mode"] == save_mode[model]
+    runtime = answer["export"].get("runtime")
     if model == "minilm_onnx":
         assert runtime["name"] == "onnxruntime" and runtime["providers"] == ["CPUExecutionProvider"]
         assert runtime["graph_optimization_level"] == "ORT_ENABLE_ALL"
-        assert described["config"]["onnxruntime"]["graph_optimization_level"] == "all"
+        assert answer["config"]["onnxruntime"]["graph_optimization_level"] == "all"
     else:
-        assert runtime is None and "onnxruntime" not in described["config"]
+        assert runtime is None and "onnxruntime" not in answer["config"]

@@ -361,7 +361,7 @@ TASK = Task(
             },
         ),
         InitOption(
-            ("--color-mode",), {"choices": ("L", "RGB"), "default": "L", "help": ".pt image models"}
+            ("--color-mode",), {"choices": COLOR_MODES, "default": "L", "help": ".pt image models"}
         ),
         InitOption(
             ("--mean",), {"type": float, "nargs": "+", "help": ".pt image models: per channel"}
