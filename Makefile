@@ -56,8 +56,8 @@ bench-peers: bench-archives .venv-peers/.ts-handlers-peers
 bench-formats: bench-archives
 	$(PY) benchmarks/formats.py
 
-# How much faster int8 can make MiniLM on this CPU (fbgemm's kernel over every Linear layer),
-# and how much of that the accuracy gate keeps (docs/performance.md).
+# How much faster int8 can make MiniLM on this CPU (fbgemm's and ONNX Runtime's kernels over
+# every Linear layer), and how much of that the accuracy gate keeps (docs/performance.md).
 bench-int8: archives
 	$(PY) benchmarks/int8_bound.py
 
