@@ -185,19 +185,22 @@ def onnx_variants(
 
 def print_rows(
     title: str,
-    model: nn.Module,
     cases: dict[str, tuple[torch.Tensor, ...]],
     rows: list[tuple[str, dict[str, float], dict[str, Any]]],
+    linear_shares: dict[str, float] | None = None,
 ) -> None:
-    """Each case's float32 rate and every variant's speed ratio and gate figures."""
+    """Each case's float32 rate (and the Linear layers' share of it, where given), and every
+    variant's speed ratio and gate figures."""
     print(f"\n== {title}")
     for case, inputs in cases.items():
         shape = "x".join(str(size) for size in inputs[0].shape)
         float32_rate = statistics.median(found[case]["float32_per_s"] for _, _, found in rows)
-        print(
-            f"{case} {shape}: float32 {float32_rate:.1f} rows/s; Linear layers take "
-            f"{linear_share(model, inputs):.0%} of eager float32 time"
+        share = (
+            f"; Linear layers take {linear_shares[case]:.0%} of float32 time"
+            if linear_shares
+            else ""
         )
+        print(f"{case} {shape}: float32 {float32_rate:.1f} rows/s{share}")
         for name, found, speed in rows:
             print(
                 f"  {name:46} {speed[case]['ratio']:5.2f}x float32   min cosine "
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, variant in variants.items():
         speed = precision.measure_speed(float32_graph, traced(variant, example), plan)
         rows.append((name, figures(variant), speed["cases"]))
-    print_rows("TorchScript, fbgemm (as the torchscript builds)", model, cases, rows)
+    shares = {case: linear_share(model, inputs) for case, inputs in cases.items()}
+    print_rows("TorchScript, fbgemm (as the torchscript builds)", cases, rows, shares)
     if args.no_onnx or importlib.util.find_spec("onnxruntime") is None:
         return 0
     sessions = onnx_variants(model, plan, config, absmax)
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, session in sessions.items():
         speed = precision.measure_speed(float32_session, session, plan)
         rows.append((name, figures(session), speed["cases"]))
-    print_rows("ONNX Runtime (as the onnx builds), against its own float32", model, cases, rows)
+    print_rows("ONNX Runtime (as the onnx builds), against its own float32", cases, rows)
     return 0
 
 
