@@ -100,6 +100,22 @@ def with_every_linear(model: nn.Module, make: Callable[[str, nn.Linear], nn.Modu
     return converted
 
 
+def with_every_smoothed_linear(
+    model: nn.Module,
+    input_absmax: dict[str, torch.Tensor],
+    alpha: float,
+    make: Callable[[nn.Linear, torch.Tensor, float], nn.Module],
+) -> nn.Module:
+    """The same for a smoothed replacement ``make(linear, input_absmax, alpha)`` of each layer
+    that ran on the calibration set (one that never runs has no input range to smooth by)."""
+    return with_every_linear(
+        model,
+        lambda name, linear: (
+            make(linear, input_absmax[name], alpha) if name in input_absmax else linear
+        ),
+    )
+
+
 def traced(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     with torch.inference_mode():
         return torch.jit.freeze(torch.jit.trace(model, inputs, check_trace=False).eval())
@@ -150,12 +166,7 @@ def onnx_variants(
             )
             return target.read_bytes()
 
-    row_scaled = with_every_linear(
-        model,
-        lambda name, linear: (
-            RowScaledLinear(linear, absmax[name], alpha) if name in absmax else linear
-        ),
-    )
+    row_scaled = with_every_smoothed_linear(model, absmax, alpha, RowScaledLinear)
     blocks = MatMulNBitsQuantizer(
         onnx.load_from_string(float32_bytes),
         bits=8,
@@ -235,20 +246,14 @@ def main(argv: list[str] | None = None) -> int:
 
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     absmax = precision.input_ranges(model, linears, calibration)
-    alpha = precision.SMOOTHING_ALPHA
     gated, report = precision.reduce_precision(config, plan)  # the build's own step
     recipe = report["recipe"]
     variants = {
         "every Linear, per tensor": with_every_linear(
             model, lambda name, linear: PerTensorInt8Linear(linear)
         ),
-        "every Linear, per token": with_every_linear(
-            model,
-            lambda name, linear: (
-                precision.FbgemmInt8Linear(linear, absmax[name], alpha)
-                if name in absmax
-                else linear
-            ),
+        "every Linear, per token": with_every_smoothed_linear(
+            model, absmax, precision.SMOOTHING_ALPHA, precision.FbgemmInt8Linear
         ),
         f"gate's choice ({recipe['quantized_layers']} int8)": gated,
     }

@@ -333,7 +333,7 @@ def bench_system(
                 endpoint.url, body, concurrency, seconds, endpoint.headers
             )
             after = server_cpu_seconds(endpoint.pid) if endpoint.pid else {}
-            spent = {name: after[name] - before.get(name, 0.0) for name in after}
+            spent = {program: after[program] - before.get(program, 0.0) for program in after}
             spent["hey"] = hey_cpu
             cpu = {name: round(1000 * value / max(count, 1), 3) for name, value in spent.items()}
             cell = Cell(name, precision, workload, concurrency, rate, p50, p99, count, errors, cpu)
